@@ -1,0 +1,149 @@
+"""Checkpoints that describe themselves, written atomically and loaded without running pickled code.
+
+A checkpoint is a dict of plain types and tensors:
+    format, format_version      the tag that says this is one of ours
+    model: {name, args}         what rebuilds the network (with the registry)
+    num_classes, classes        label order
+    input_size, mean, std       preprocessing
+    tta                         the test-time augmentation the recipe evaluates with
+    config                      the resolved TrainConfig as a dict
+    epoch, step, batch_in_epoch where training stood (batch_in_epoch > 0: saved inside an epoch)
+    metrics                     the epoch's metrics; best_val_loss
+    model_state                 state dict without 'module.' / '_orig_mod.' prefixes
+    optimizer_state, scheduler_state, rng_state
+    created, package_version, torch_version, note
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CifarCnnError
+
+FORMAT = "cifar-cnn-checkpoint"
+FORMAT_VERSION = 1
+
+
+def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights with the prefixes that DDP and torch.compile add removed."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write a file through a temporary file in the same folder, fsync it, then rename it over `path`.
+
+    `write(f)` writes the content to the open binary file `f`. A crash or full disk at any moment leaves either the
+    old complete file or the new complete one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Save `payload` (see the module doc) with the format tag, atomically."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    try:
+        atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+    except OSError as exc:
+        raise CifarCnnError(f"could not write checkpoint {path} ({exc.strerror or exc}); the previous file is intact") from None
+
+
+REQUIRED = ("model", "classes", "model_state", "mean", "std", "input_size")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint. Uses torch's weights-only unpickler, so a crafted file cannot run code."""
+    p = Path(path)
+    if not p.is_file():
+        raise CifarCnnError(f"{p}: no such checkpoint file")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint, or a damaged one ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint (no '{FORMAT}' format tag); train one with `cifar-cnn train`")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CifarCnnError(
+            f"{p}: checkpoint format version {ckpt.get('format_version')} is newer than this cifar-cnn understands "
+            f"({FORMAT_VERSION}); upgrade cifar-cnn"
+        )
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CifarCnnError(f"{p}: checkpoint lacks {', '.join(missing)}; it is damaged or incomplete")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (in eval mode)."""
+    from .models import create_model
+
+    spec = ckpt["model"]
+    model = create_model(spec["name"], num_classes=len(ckpt["classes"]), **dict(spec.get("args", {})))
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CifarCnnError(f"{path}: weights do not fit model {spec['name']!r} ({first})") from None
+    return model.eval()
+
+
+def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-ready summary of a checkpoint (no tensors)."""
+    return {
+        "model": ckpt["model"]["name"],
+        "model_args": dict(ckpt["model"].get("args", {})),
+        "classes": list(ckpt["classes"]),
+        "input_size": ckpt["input_size"],
+        "mean": list(ckpt["mean"]),
+        "std": list(ckpt["std"]),
+        "tta": ckpt.get("tta", "none"),
+        "epoch": ckpt.get("epoch"),
+        "step": ckpt.get("step"),
+        "metrics": ckpt.get("metrics", {}),
+        "note": ckpt.get("note", ""),
+        "package_version": ckpt.get("package_version"),
+        "torch_version": ckpt.get("torch_version"),
+        "created": ckpt.get("created"),
+        "parameters": int(sum(v.numel() for k, v in ckpt["model_state"].items() if "running_" not in k and "num_batches" not in k)),
+    }

@@ -1,0 +1,302 @@
+"""The `cifar-cnn` command: argument parsing only; each subcommand calls one library function.
+
+Conventions shared by every subcommand: `--data SOURCE` for input data, `--out PATH` for what it writes, `--json`
+for one JSON object on stdout (and nothing else there), `--threads N`; exit code 0 on success, 1 on partial failure,
+2 on bad usage or bad input (a one-line message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import FIELDS, TrainConfig, field_choices, field_help
+from .errors import CifarCnnError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _logger(json_mode: bool) -> Callable[[str], None]:
+    """Human-readable progress: stdout normally, stderr when stdout is reserved for --json."""
+    stream = sys.stderr if json_mode else sys.stdout
+
+    def log(message: str) -> None:
+        print(message, file=stream, flush=True)
+
+    return log
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def _common(parser: argparse.ArgumentParser, data: bool = False, json_flag: bool = True) -> None:
+    if data:
+        parser.add_argument("--data", default="cifar10", metavar="SOURCE",
+                            help="'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, "
+                                 "or an image-folder tree or archive")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; unset options do not override the recipe or the config file."""
+    group = parser.add_argument_group("training config (defaults < --recipe < --config file < these options)")
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        if name in ("recipe", "model_args"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = f"{field_help(name)} (default: {default if default is not None else 'model default'})"
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if f.type in ("bool",) or isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif name in ("mean", "std"):
+            group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **kwargs)
+        else:
+            typ = {int: int, float: float, str: str}[type(default)]
+            choices = field_choices(name)
+            if name == "model":
+                from .models import list_models
+
+                choices = tuple(list_models())
+            group.add_argument(flag, type=typ, choices=choices, **kwargs)
+    group.add_argument("--dropout", type=float, default=argparse.SUPPRESS,
+                       help="dropout probability of models that have one (model_args.dropout; seed_cnn: 0.25)")
+    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a model builder argument (repeatable; VALUE is read as YAML, e.g. width=64)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {name: getattr(args, name) for name in FIELDS if name not in ("recipe", "model_args") and hasattr(args, name)}
+    model_args: dict[str, Any] = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CifarCnnError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg dropout=0.1")
+        model_args[key] = yaml.safe_load(value)
+    if hasattr(args, "dropout"):
+        model_args["dropout"] = args.dropout
+    if model_args:
+        out["model_args"] = model_args
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import resolve_config, to_yaml
+    from .engine import resume_config, train
+
+    log = _logger(args.json)
+    overrides = _overrides(args)
+    if args.resume:
+        if args.config or args.recipe:
+            raise CifarCnnError("--resume continues a run with its own config; drop --config and --recipe")
+        config = resume_config(load_checkpoint(args.resume), overrides)
+        out = args.out or str(__import__("pathlib").Path(args.resume).parent)
+    else:
+        config = resolve_config(args.recipe, args.config, overrides)
+        out = args.out or f"runs/{config.recipe}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if args.print_config:
+        sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n" if args.json else to_yaml(config))
+        return 0
+    result = train(config, args.data, out, resume=args.resume, overwrite=args.overwrite, threads=args.threads,
+                   log=log, command=["cifar-cnn", *sys.argv[1:]])
+    if args.json:
+        _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
+    return 0
+
+
+def _build_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model into a run directory", formatter_class=_Formatter,
+                       description="Train a model; writes config.yaml, metrics.csv, best.pt, last.pt, "
+                                   "test_metrics.json and run.json into --out.")
+    _common(p, data=True)
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML or TOML config file")
+    from .recipes import RECIPES
+
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="named preset (default: seed)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _format_metrics(m: dict[str, Any]) -> str:
+    lines = [
+        f"{m['split']} split: {m['num_images']} images, accuracy {100 * m['accuracy']:.2f}%, "
+        f"top-5 {100 * m['top5_accuracy']:.2f}%, loss {m['loss']:.4f}, macro F1 {m['macro_f1']:.4f} (tta {m['tta']})",
+        f"{'class':<14}{'accuracy':>10}{'F1':>8}",
+    ]
+    for name in m["classes"]:
+        acc = m["per_class_accuracy"][name]
+        lines.append(f"{name:<14}{'-' if acc is None else f'{100 * acc:.2f}%':>10}{m['per_class_f1'][name]:>8.3f}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+
+    log = _logger(args.json)
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, tta=args.tta, device=args.device,
+                                 precision=args.precision, batch_size=args.batch_size, threads=args.threads, log=log)
+    if args.json:
+        _emit_json(result)
+    else:
+        log(_format_metrics(result))
+    return 0
+
+
+def _build_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split", formatter_class=_Formatter,
+                       description="Accuracy, top-5, loss, per-class accuracy and F1, confusion matrix.")
+    p.add_argument("checkpoint", help="a .pt file written by train")
+    _common(p, data=True)
+    p.add_argument("--split", default="test", choices=("test", "val", "train"),
+                   help="which split (val is rebuilt from the checkpoint's seed and val_split)")
+    p.add_argument("--tta", default=None, choices=("none", "flip", "flip-translate"),
+                   help="test-time augmentation (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# small commands: models, recipes, info, data
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models, model_info
+
+    rows = [
+        {"name": n, "input_size": model_info(n).input_size, "description": model_info(n).description}
+        for n in list_models()
+    ]
+    if args.json:
+        _emit_json({"models": rows})
+    else:
+        for r in rows:
+            print(f"{r['name']:<16} {r['input_size']:>3}px  {r['description']}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import list_recipes
+
+    rows = [{"name": r.name, "summary": r.summary, "values": r.values} for r in list_recipes()]
+    if args.json:
+        _emit_json({"recipes": json.loads(json.dumps(rows, default=list))})
+    else:
+        for r in rows:
+            print(f"{r['name']:<10} {r['summary']}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import describe, load_checkpoint
+
+    d = describe(load_checkpoint(args.checkpoint))
+    if args.json:
+        _emit_json(d)
+    else:
+        for k, v in d.items():
+            print(f"{k:<16} {v}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+
+    log = _logger(args.json)
+    ds = load_dataset(args.data, args.image_size, threads=args.threads, log=log)
+    summary = {
+        "source": args.data,
+        "classes": ds.classes,
+        "image_size": ds.image_size,
+        "train_images": int(len(ds.train_labels)),
+        "test_images": int(len(ds.test_labels)),
+        "val_images": None if ds.val_labels is None else int(len(ds.val_labels)),
+        "train_per_class": {c: int((ds.train_labels == i).sum()) for i, c in enumerate(ds.classes)},
+    }
+    if args.json:
+        _emit_json(summary)
+    else:
+        for k, v in summary.items():
+            print(f"{k:<16} {v}")
+    return 0
+
+
+def _build_small(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered models", formatter_class=_Formatter)
+    _common(p)
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("recipes", help="list the named training presets", formatter_class=_Formatter)
+    _common(p)
+    p.set_defaults(func=cmd_recipes)
+    p = sub.add_parser("info", help="describe a checkpoint", formatter_class=_Formatter)
+    p.add_argument("checkpoint", help="a .pt file written by train")
+    _common(p)
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("data", help="decode a data source into the cache and summarize it", formatter_class=_Formatter)
+    _common(p, data=True)
+    p.add_argument("--image-size", type=int, default=32, help="side the images are resized to")
+    p.set_defaults(func=cmd_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifar-cnn", formatter_class=_Formatter,
+        description="Train, evaluate, explain, export and serve CIFAR-10 image classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"cifar-cnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _build_train(sub)
+    _build_evaluate(sub)
+    _build_small(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CifarCnnError as exc:
+        print(f"cifar-cnn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cifar-cnn: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("cifar-cnn: error: out of memory; use a smaller --batch-size or --subset", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cifar-cnn: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Training configuration: one frozen dataclass, filled from defaults < recipe < config file < command line.
+
+Every field carries its help text, so the command-line options, the `--help` page and the error messages all come
+from this one place. Unknown keys and values of the wrong type are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CifarCnnError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run computes (not where it writes or how many threads it uses)."""
+
+    recipe: str = _f("seed", "named preset this config started from (see `cifar-cnn recipes`)")
+    model: str = _f("seed_cnn", "registered model name (see `cifar-cnn models`)")
+    model_args: dict = _f({}, "keyword arguments for the model builder, e.g. {dropout: 0.25}")
+    epochs: int = _f(10, "number of passes over the training images")
+    batch_size: int = _f(20, "training images per optimizer step")
+    eval_batch_size: int = _f(1000, "images per forward pass when evaluating")
+    optimizer: str = _f("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    lr: float = _f(0.01, "peak learning rate")
+    momentum: float = _f(0.0, "SGD momentum (Adam: beta1)")
+    nesterov: bool = _f(False, "Nesterov momentum for SGD")
+    weight_decay: float = _f(0.0, "weight decay (L2 for SGD/Adam, decoupled for AdamW)")
+    schedule: str = _f("constant", "learning-rate schedule over steps", ("constant", "onecycle", "linear", "cosine", "step"))
+    warmup_epochs: float = _f(0.0, "epochs of linear warm-up from 0 at the start of the schedule")
+    final_lr_fraction: float = _f(0.0, "learning rate at the end, as a fraction of the peak (onecycle/linear/cosine)")
+    step_epochs: float = _f(30.0, "step schedule: multiply the LR by step_gamma every this many epochs")
+    step_gamma: float = _f(0.1, "step schedule: the factor")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
+    subset: int = _f(0, "use only this many training images, stratified (0: all)")
+    seed: int = _f(0, "seed of the split, the initial weights, shuffling, augmentation and dropout")
+    mean: tuple | None = _f(None, "per-channel normalization mean of 0..1 pixels (default: the model's)")
+    std: tuple | None = _f(None, "per-channel normalization std (default: the model's)")
+    flip: bool = _f(False, "augmentation: random horizontal flips")
+    translate: int = _f(0, "augmentation: random shifts of up to this many pixels (reflect padding)")
+    cutout: int = _f(0, "augmentation: side of a random square blanked out (0: off)")
+    drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
+    device: str = _f("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
+    precision: str = _f(
+        "auto", "numeric precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
+        ("auto", "fp32", "bf16", "fp16"),
+    )
+    channels_last: bool = _f(True, "channels-last memory layout for convolutions (faster with bf16)")
+    compile: bool = _f(False, "torch.compile the model (costs 20-30 s of compilation on a CPU)")
+    tta: str = _f("none", "test-time augmentation used when evaluating", ("none", "flip", "flip-translate"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, not tuples), so it fits YAML, JSON and a weights-only checkpoint."""
+        d = dataclasses.asdict(self)
+        for k in ("mean", "std"):
+            if d[k] is not None:
+                d[k] = [float(v) for v in d[k]]
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def field_help(name: str) -> str:
+    return FIELDS[name].metadata["help"]
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    return FIELDS[name].metadata["choices"]
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check one value against the field's type; ints are accepted where floats are expected."""
+    typ = _TYPES[name]
+    allow_none = isinstance(typ, types.UnionType) and type(None) in typ.__args__
+    base = next(a for a in typ.__args__ if a is not type(None)) if isinstance(typ, types.UnionType) else typ
+
+    def bad(expected: str) -> CifarCnnError:
+        return CifarCnnError(f"{where}: '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        if allow_none:
+            return None
+        raise bad(base.__name__)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        choices = field_choices(name)
+        if choices and value not in choices:
+            raise bad(f"one of {', '.join(choices)}")
+        return value
+    if base is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of names to values")
+        return dict(value)
+    if base is tuple:
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise bad("a list of 3 numbers")
+        return tuple(float(v) for v in value)
+    raise AssertionError(f"unhandled config type {typ}")  # pragma: no cover
+
+
+def apply(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    """`config` with `values` replacing fields; unknown keys and wrong types are errors naming `where`."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise CifarCnnError(f"{where}: unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
+    return dataclasses.replace(config, **{k: _coerce(k, v, where) for k, v in values.items()})
+
+
+# Sections of a config file that belong to other commands and that `train` ignores.
+OTHER_SECTIONS = ("tune",)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) file as a flat dict of config keys (other commands' sections removed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CifarCnnError(f"--config {p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text)
+        else:
+            raise CifarCnnError(f"--config {p}: use a .yaml, .yml or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CifarCnnError(f"--config {p}: not valid {p.suffix.lstrip('.').upper()} ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CifarCnnError(f"--config {p}: expected a mapping of keys to values at the top level")
+    return {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
+
+
+def resolve_config(
+    recipe: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """defaults < recipe < config file < command line. The recipe can be named on the command line or in the file."""
+    from .recipes import recipe_values  # recipes are data on top of this module
+
+    file_values = read_config_file(config_file) if config_file else {}
+    overrides = dict(overrides or {})
+    name = recipe or overrides.pop("recipe", None) or file_values.get("recipe") or TrainConfig.recipe
+    config = apply(TrainConfig(), {**recipe_values(name), "recipe": name}, f"recipe {name}")
+    file_values = {k: v for k, v in file_values.items() if k != "recipe"}
+    if file_values:
+        config = apply(config, file_values, f"--config {config_file}")
+    if "model_args" in overrides:
+        overrides["model_args"] = {**config.model_args, **overrides["model_args"]}
+    if overrides:
+        config = apply(config, overrides, "command line")
+    return validate(config)
+
+
+def validate(c: TrainConfig) -> TrainConfig:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (c.epochs >= 1, "epochs must be at least 1"),
+        (c.batch_size >= 1, "batch_size must be at least 1"),
+        (c.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
+        (c.lr > 0, "lr must be positive"),
+        (0 <= c.momentum < 1, "momentum must be in [0, 1)"),
+        (c.weight_decay >= 0, "weight_decay must be >= 0"),
+        (0 <= c.val_split < 1, "val_split must be in [0, 1)"),
+        (c.subset >= 0, "subset must be >= 0"),
+        (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+        (c.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
+        (c.step_epochs > 0, "step_epochs must be positive"),
+        (0 <= c.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
+        (not (c.nesterov and c.optimizer == "sgd" and c.momentum == 0), "nesterov needs momentum > 0"),
+        (c.std is None or all(s > 0 for s in c.std), "std values must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CifarCnnError(f"invalid config: {message}")
+    return c
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def to_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict())

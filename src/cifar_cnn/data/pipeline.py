@@ -1,0 +1,142 @@
+"""The in-memory tensor pipeline: normalize a whole split once, then batch and augment with tensor ops.
+
+Randomness comes from generators derived from (seed, epoch, step), never from global state, so any batch of any epoch
+can be rebuilt exactly: resuming mid-epoch or sharding across processes gives the same batches as a straight run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_MIX = 1_000_003  # a prime to mix (seed, epoch, step) into one generator seed
+
+
+def derived_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from a tuple of ints (e.g. seed, epoch, step)."""
+    value = 0x9E3779B9
+    for k in keys:
+        value = (value * _MIX + int(k) + 1) % (1 << 63)
+    g = torch.Generator(device=device)
+    g.manual_seed(value)
+    return g
+
+
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) numpy array -> uint8 tensor sharing its memory where possible."""
+    return images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+
+
+def normalize(
+    images: np.ndarray | torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> (x / 255 - mean) / std as `dtype` on `device`, computed in chunks to bound memory."""
+    src = to_tensor(images)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    for i in range(0, len(src), chunk):
+        out[i : i + chunk] = ((src[i : i + chunk].to(device, torch.float32) - m) / s).to(dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation, applied a batch at a time."""
+
+    flip: bool = False  # random horizontal flip with probability 1/2
+    translate: int = 0  # random shift of up to this many pixels each way (reflect-padded crop)
+    cutout: int = 0  # side of a random square set to 0 (the mean colour after normalization); 0 = off
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.translate > 0 or self.cutout > 0
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(len(x), generator=g, device=g.device) < 0.5
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Each image shifted by its own (dy, dx) in [-pad, pad], borders filled by reflection."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image, centred anywhere (clipped at the borders)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), generator=g, device=g.device).to(x.device)
+    cx = torch.randint(0, w, (n,), generator=g, device=g.device).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :] - (cy[:, None] - size // 2)
+    xs = torch.arange(w, device=x.device)[None, :] - (cx[:, None] - size // 2)
+    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
+    return x.masked_fill(inside[:, None], 0.0)
+
+
+def augment_batch(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Tensor:
+    if aug.flip:
+        x = random_flip(x, g)
+    if aug.translate > 0:
+        x = random_translate(x, aug.translate, g)
+    if aug.cutout > 0:
+        x = random_cutout(x, aug.cutout, g)
+    return x
+
+
+class TensorLoader:
+    """Batches from a normalized in-memory split: shuffled per epoch and augmented per batch, reproducibly."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment = augment or Augment()
+        self.seed = seed
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The sample order of one epoch (the same for every process and every resume)."""
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=derived_generator(self.seed, epoch, -1))
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(step, images, labels) for steps start..len-1 of `epoch`."""
+        order = self.order(epoch).to(self.images.device)
+        for step in range(start, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            x, y = self.images[idx], self.labels[idx]
+            if self.augment.active:
+                x = augment_batch(x, self.augment, derived_generator(self.seed, epoch, step, device=x.device))
+            yield step, x, y

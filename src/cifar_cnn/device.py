@@ -1,0 +1,62 @@
+"""Device and numeric precision: what `--device auto` and `--precision auto` pick, and the autocast context."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .errors import CifarCnnError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise CifarCnnError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CifarCnnError("--device cuda: no CUDA GPU is available to this PyTorch build; use --device cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it bf16 autocast is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older CUDA GPUs, else fp32."""
+    if name not in PRECISIONS:
+        raise CifarCnnError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise CifarCnnError("--precision fp16 is for CUDA; on a CPU use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for forward passes ('fp32' -> no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set the CPU threads torch uses (None: leave torch's default); returns the number in effect."""
+    if threads is not None:
+        if threads < 1:
+            raise CifarCnnError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
