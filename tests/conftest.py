@@ -49,7 +49,7 @@ def make_images(per_class: int, num_classes: int = 10, size: int = 32, seed: int
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(num_classes), per_class)
     rng.shuffle(labels)
-    base = rng.integers(40, 216, size=(num_classes, 3, 1, 1))
+    base = np.random.default_rng(12345).integers(40, 216, size=(num_classes, 3, 1, 1))  # same colours in every split
     noise = rng.integers(-40, 40, size=(len(labels), 3, size, size))
     images = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)
@@ -88,8 +88,13 @@ def py2_dumps(obj: object) -> bytes:
 
 
 def write_official_batches(
-    folder: Path, images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    style: str = "py2", classes: list[str] = CLASSES,
+    folder: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    style: str = "py2",
+    classes: list[str] = CLASSES,
 ) -> Path:
     """Official-format batches written independently of the package: 'py2' as the original files (bytes keys,
     BINSTRING data), 'py3' as a Python 3 re-save (str keys, protocol 4)."""
@@ -99,8 +104,12 @@ def write_official_batches(
     batches.append(("test_batch", test_images, test_labels))
     for name, x, y in batches:
         if style == "py2":
-            d = {b"batch_label": name.encode(), b"labels": [int(v) for v in y], b"data": x.reshape(len(x), -1),
-                 b"filenames": [f"{i}.png".encode() for i in range(len(y))]}
+            d = {
+                b"batch_label": name.encode(),
+                b"labels": [int(v) for v in y],
+                b"data": x.reshape(len(x), -1),
+                b"filenames": [f"{i}.png".encode() for i in range(len(y))],
+            }
             blob = py2_dumps(d)
         else:
             d = {"batch_label": name, "labels": [int(v) for v in y], "data": x.reshape(len(x), -1)}
@@ -122,7 +131,9 @@ def tiny_arrays() -> dict[str, np.ndarray]:
 @pytest.fixture
 def official_dir(tmp_path: Path, tiny_arrays: dict) -> Path:
     a = tiny_arrays
-    return write_official_batches(tmp_path / "cifar-10-batches-py", a["train_x"], a["train_y"], a["test_x"], a["test_y"])
+    return write_official_batches(
+        tmp_path / "cifar-10-batches-py", a["train_x"], a["train_y"], a["test_x"], a["test_y"]
+    )
 
 
 def make_tar(src: Path, dest: Path, mode: str = "w:gz", arcname: str | None = None) -> Path:
@@ -139,11 +150,19 @@ def make_zip(src: Path, dest: Path) -> Path:
     return dest
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m cifar_cnn ARGS` in a fresh process, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "cifar_cnn", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_cnn", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="session")

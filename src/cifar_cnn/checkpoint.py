@@ -16,10 +16,10 @@ A checkpoint is a dict of plain types and tensors:
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,8 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     fsync_dir(path.parent)
 
@@ -85,7 +83,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     try:
         atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
     except OSError as exc:
-        raise CifarCnnError(f"could not write checkpoint {path} ({exc.strerror or exc}); the previous file is intact") from None
+        raise CifarCnnError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous file is intact"
+        ) from None
 
 
 REQUIRED = ("model", "classes", "model_state", "mean", "std", "input_size")
@@ -97,12 +97,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not p.is_file():
         raise CifarCnnError(f"{p}: no such checkpoint file")
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses anyway
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load raises many types on foreign or damaged files (KeyError, EOFError, ...)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint, or a damaged one ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint (no '{FORMAT}' format tag); train one with `cifar-cnn train`")
+        raise CifarCnnError(
+            f"{p}: not a cifar-cnn checkpoint (no '{FORMAT}' format tag); train one with `cifar-cnn train`"
+        )
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CifarCnnError(
             f"{p}: checkpoint format version {ckpt.get('format_version')} is newer than this cifar-cnn understands "
@@ -145,5 +149,7 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
         "package_version": ckpt.get("package_version"),
         "torch_version": ckpt.get("torch_version"),
         "created": ckpt.get("created"),
-        "parameters": int(sum(v.numel() for k, v in ckpt["model_state"].items() if "running_" not in k and "num_batches" not in k)),
+        "parameters": int(
+            sum(v.numel() for k, v in ckpt["model_state"].items() if "running_" not in k and "num_batches" not in k)
+        ),
     }

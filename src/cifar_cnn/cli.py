@@ -42,12 +42,18 @@ def _emit_json(obj: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser, data: bool = False, json_flag: bool = True) -> None:
     if data:
-        parser.add_argument("--data", default="cifar10", metavar="SOURCE",
-                            help="'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, "
-                                 "or an image-folder tree or archive")
+        parser.add_argument(
+            "--data",
+            default="cifar10",
+            metavar="SOURCE",
+            help="'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, "
+            "or an image-folder tree or archive",
+        )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -77,10 +83,19 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
                 choices = tuple(list_models())
             group.add_argument(flag, type=typ, choices=choices, **kwargs)
-    group.add_argument("--dropout", type=float, default=argparse.SUPPRESS,
-                       help="dropout probability of models that have one (model_args.dropout; seed_cnn: 0.25)")
-    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="a model builder argument (repeatable; VALUE is read as YAML, e.g. width=64)")
+    group.add_argument(
+        "--dropout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="dropout probability of models that have one (model_args.dropout; seed_cnn: 0.25)",
+    )
+    group.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model builder argument (repeatable; VALUE is read as YAML, e.g. width=64)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,17 +131,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n" if args.json else to_yaml(config))
         return 0
-    result = train(config, args.data, out, resume=args.resume, overwrite=args.overwrite, threads=args.threads,
-                   log=log, command=["cifar-cnn", *sys.argv[1:]])
+    result = train(
+        config,
+        args.data,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        log=log,
+        command=["cifar-cnn", *sys.argv[1:]],
+    )
     if args.json:
         _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
     return 0
 
 
 def _build_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model into a run directory", formatter_class=_Formatter,
-                       description="Train a model; writes config.yaml, metrics.csv, best.pt, last.pt, "
-                                   "test_metrics.json and run.json into --out.")
+    p = sub.add_parser(
+        "train",
+        help="train a model into a run directory",
+        formatter_class=_Formatter,
+        description="Train a model; writes config.yaml, metrics.csv, best.pt, last.pt, "
+        "test_metrics.json and run.json into --out.",
+    )
     _common(p, data=True)
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or TOML config file")
@@ -160,8 +187,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import evaluate_checkpoint
 
     log = _logger(args.json)
-    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, tta=args.tta, device=args.device,
-                                 precision=args.precision, batch_size=args.batch_size, threads=args.threads, log=log)
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        tta=args.tta,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        log=log,
+    )
     if args.json:
         _emit_json(result)
     else:
@@ -170,14 +206,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _build_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a split", formatter_class=_Formatter,
-                       description="Accuracy, top-5, loss, per-class accuracy and F1, confusion matrix.")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint on a split",
+        formatter_class=_Formatter,
+        description="Accuracy, top-5, loss, per-class accuracy and F1, confusion matrix.",
+    )
     p.add_argument("checkpoint", help="a .pt file written by train")
     _common(p, data=True)
-    p.add_argument("--split", default="test", choices=("test", "val", "train"),
-                   help="which split (val is rebuilt from the checkpoint's seed and val_split)")
-    p.add_argument("--tta", default=None, choices=("none", "flip", "flip-translate"),
-                   help="test-time augmentation (default: the checkpoint's)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "train"),
+        help="which split (val is rebuilt from the checkpoint's seed and val_split)",
+    )
+    p.add_argument(
+        "--tta",
+        default=None,
+        choices=("none", "flip", "flip-translate"),
+        help="test-time augmentation (default: the checkpoint's)",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
@@ -268,7 +316,8 @@ def _build_small(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cifar-cnn", formatter_class=_Formatter,
+        prog="cifar-cnn",
+        formatter_class=_Formatter,
         description="Train, evaluate, explain, export and serve CIFAR-10 image classifiers.",
     )
     parser.add_argument("--version", action="version", version=f"cifar-cnn {__version__}")
@@ -285,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CifarCnnError as exc:
-        print(f"cifar-cnn: error: {exc}", file=sys.stderr)
+        one_line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"cifar-cnn: error: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cifar-cnn: interrupted", file=sys.stderr)

@@ -46,7 +46,9 @@ class TrainConfig:
     momentum: float = _f(0.0, "SGD momentum (Adam: beta1)")
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(0.0, "weight decay (L2 for SGD/Adam, decoupled for AdamW)")
-    schedule: str = _f("constant", "learning-rate schedule over steps", ("constant", "onecycle", "linear", "cosine", "step"))
+    schedule: str = _f(
+        "constant", "learning-rate schedule over steps", ("constant", "onecycle", "linear", "cosine", "step")
+    )
     warmup_epochs: float = _f(0.0, "epochs of linear warm-up from 0 at the start of the schedule")
     final_lr_fraction: float = _f(0.0, "learning rate at the end, as a fraction of the peak (onecycle/linear/cosine)")
     step_epochs: float = _f(30.0, "step schedule: multiply the LR by step_gamma every this many epochs")
@@ -63,7 +65,8 @@ class TrainConfig:
     drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
     device: str = _f("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
     precision: str = _f(
-        "auto", "numeric precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
+        "auto",
+        "numeric precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
         ("auto", "fp32", "bf16", "fp16"),
     )
     channels_last: bool = _f(True, "channels-last memory layout for convolutions (faster with bf16)")

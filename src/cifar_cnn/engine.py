@@ -264,8 +264,13 @@ def train(
     train_x = normalize(splits.train_images, mean, std, torch.float32, device)
     train_y = torch.from_numpy(splits.train_labels).to(device)
     loader = TensorLoader(
-        train_x, train_y, config.batch_size, shuffle=True, drop_last=config.drop_last,
-        augment=Augment(config.flip, config.translate, config.cutout), seed=config.seed,
+        train_x,
+        train_y,
+        config.batch_size,
+        shuffle=True,
+        drop_last=config.drop_last,
+        augment=Augment(config.flip, config.translate, config.cutout),
+        seed=config.seed,
     )
     if len(loader) == 0:
         raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
@@ -351,16 +356,28 @@ def train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         totals, next_step = train_one_epoch(
-            train_model, loader, optimizer, epoch=epoch, lr_fn=lr_fn, peak_lrs=peak_lrs, device=device,
-            precision=precision, label_smoothing=config.label_smoothing, channels_last=channels_last,
-            start_step=start_step, totals=totals, on_step=on_step,
+            train_model,
+            loader,
+            optimizer,
+            epoch=epoch,
+            lr_fn=lr_fn,
+            peak_lrs=peak_lrs,
+            device=device,
+            precision=precision,
+            label_smoothing=config.label_smoothing,
+            channels_last=channels_last,
+            start_step=start_step,
+            totals=totals,
+            on_step=on_step,
         )
         start_step = 0
         if next_step < len(loader):  # interrupted inside the epoch
             save_checkpoint(paths.last, payload(epoch, next_step, {}, "interrupted inside an epoch", totals))
             interrupted = True
-            log(f"interrupted at epoch {epoch + 1}, step {next_step}/{len(loader)}; resume with: "
-                f"cifar-cnn train --resume {paths.last}")
+            log(
+                f"interrupted at epoch {epoch + 1}, step {next_step}/{len(loader)}; resume with: "
+                f"cifar-cnn train --resume {paths.last}"
+            )
             break
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -372,8 +389,16 @@ def train(
         }
         if len(splits.val_labels):
             val = evaluate(
-                model, splits.val_images, splits.val_labels, splits.classes, mean=mean, std=std,
-                batch_size=config.eval_batch_size, device=device, precision=precision, channels_last=channels_last,
+                model,
+                splits.val_images,
+                splits.val_labels,
+                splits.classes,
+                mean=mean,
+                std=std,
+                batch_size=config.eval_batch_size,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
             )
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -390,7 +415,8 @@ def train(
         save_checkpoint(paths.last, payload(epoch + 1, 0, metrics, "end of epoch", None))
         write_metrics_csv(paths.metrics, history)
         log(
-            f"epoch {epoch + 1}/{config.epochs}  train loss {_fmt(row['train_loss'])} acc {_fmt(row['train_acc'], True)}"
+            f"epoch {epoch + 1}/{config.epochs}"
+            f"  train loss {_fmt(row['train_loss'])} acc {_fmt(row['train_acc'], True)}"
             f"  val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_acc'], True)}  lr {row['lr']:.3g}"
             f"  {row['seconds']:.1f}s" + ("  [best]" if improved else "")
         )
@@ -403,14 +429,27 @@ def train(
     if not interrupted:
         if not paths.best.is_file():
             raise CifarCnnError(f"{paths.best}: missing; the run has no best checkpoint to test")
-        test = evaluate_checkpoint(paths.best, data, split="test", device=config.device, precision=config.precision,
-                                   batch_size=config.eval_batch_size, home=home, dataset_splits=splits)
+        test = evaluate_checkpoint(
+            paths.best,
+            data,
+            split="test",
+            device=config.device,
+            precision=config.precision,
+            batch_size=config.eval_batch_size,
+            home=home,
+            dataset_splits=splits,
+        )
         atomic_write_text(paths.test_metrics, json.dumps(test, indent=2) + "\n")
-        log(f"test accuracy {_fmt(test['accuracy'], True)} (loss {test['loss']:.4f}, tta {test['tta']}) "
-            f"with {paths.best}, {time.perf_counter() - started:.1f}s in all")
+        log(
+            f"test accuracy {_fmt(test['accuracy'], True)} (loss {test['loss']:.4f}, tta {test['tta']}) "
+            f"with {paths.best}, {time.perf_counter() - started:.1f}s in all"
+        )
         result["test_metrics"] = test
-    run.update(end_time=now(), status="interrupted" if interrupted else "finished",
-               seconds=round(time.perf_counter() - started, 3))
+    run.update(
+        end_time=now(),
+        status="interrupted" if interrupted else "finished",
+        seconds=round(time.perf_counter() - started, 3),
+    )
     write_run_json(paths.run_json, run)
     return result
 
@@ -459,8 +498,17 @@ def evaluate_checkpoint(
         raise CifarCnnError(f"the {split} split of {data} is empty (the checkpoint was trained with val_split 0?)")
     mode = tta or ckpt.get("tta", "none")
     result = evaluate(
-        model, images, labels, list(ckpt["classes"]), mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]),
-        batch_size=batch_size, device=dev, precision=prec, tta=mode, channels_last=channels_last,
+        model,
+        images,
+        labels,
+        list(ckpt["classes"]),
+        mean=tuple(ckpt["mean"]),
+        std=tuple(ckpt["std"]),
+        batch_size=batch_size,
+        device=dev,
+        precision=prec,
+        tta=mode,
+        channels_last=channels_last,
     )
     result.update(split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
     return result

@@ -37,7 +37,11 @@ def tta_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "flip":
         return _flip_avg(model, x)
     if mode == "flip-translate":
-        return 0.5 * _flip_avg(model, x) + 0.25 * _flip_avg(model, _shift(x, -1, -1)) + 0.25 * _flip_avg(model, _shift(x, 1, 1))
+        return (
+            0.5 * _flip_avg(model, x)
+            + 0.25 * _flip_avg(model, _shift(x, -1, -1))
+            + 0.25 * _flip_avg(model, _shift(x, 1, 1))
+        )
     raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
 
 
@@ -92,9 +96,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of `model` on a split: accuracy, top5_accuracy, loss, per-class accuracy and F1, confusion matrix."""
     logits = predict_logits(
-        model, images, mean, std, batch_size=batch_size, device=device, precision=precision, tta=tta,
+        model,
+        images,
+        mean,
+        std,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        tta=tta,
         channels_last=channels_last,
     )
-    result = classification_metrics(logits, to_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels, classes)
+    result = classification_metrics(
+        logits, to_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels, classes
+    )
     result["tta"] = tta
     return result

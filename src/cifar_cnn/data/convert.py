@@ -29,7 +29,11 @@ class _Python2StylePickler(pickle._Pickler):
 
     def _save_py2_str(self, obj: bytes | str) -> None:
         raw = obj.encode("latin1") if isinstance(obj, str) else obj
-        header = pickle.SHORT_BINSTRING + bytes([len(raw)]) if len(raw) < 256 else pickle.BINSTRING + struct.pack("<i", len(raw))
+        header = (
+            pickle.SHORT_BINSTRING + bytes([len(raw)])
+            if len(raw) < 256
+            else pickle.BINSTRING + struct.pack("<i", len(raw))
+        )
         self.write(header + raw)
         self.memoize(obj)
 
@@ -52,7 +56,9 @@ def _py2_pickle(obj: object) -> bytes:
 def write_official(ds: Dataset, folder: Path) -> Path:
     """Write `ds` as data_batch_1..5, test_batch and batches.meta, in the official files' own pickle format."""
     if ds.image_size != 32:
-        raise CifarCnnError(f"official CIFAR-10 batches hold 32x32 images, this data set has {ds.image_size}x{ds.image_size}")
+        raise CifarCnnError(
+            f"official CIFAR-10 batches hold 32x32 images, this data set has {ds.image_size}x{ds.image_size}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     chunks = np.array_split(np.arange(len(ds.train_labels)), len(OFFICIAL_TRAIN_BATCHES))
     batches = [(name, ds.train_images[idx], ds.train_labels[idx]) for name, idx in zip(OFFICIAL_TRAIN_BATCHES, chunks)]

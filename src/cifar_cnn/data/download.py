@@ -82,7 +82,9 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool]) -> None
                     with open(target, "wb") as out:
                         shutil.copyfileobj(src, out)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise CifarCnnError(f"{archive}: archive is corrupt or truncated ({exc}); delete it and download again") from None
+            raise CifarCnnError(
+                f"{archive}: archive is corrupt or truncated ({exc}); delete it and download again"
+            ) from None
         for top in tmp.iterdir():
             final = dest / top.name
             if final.exists():

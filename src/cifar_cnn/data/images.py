@@ -64,7 +64,9 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     except CifarCnnError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CifarCnnError(f"{name}: not a readable image ({type(exc).__name__}); remove or replace the file") from None
+        raise CifarCnnError(
+            f"{name}: not a readable image ({type(exc).__name__}); remove or replace the file"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CifarCnnError(f"{name}: unreadable or truncated image ({reason}); remove or replace the file") from None

@@ -83,7 +83,9 @@ def load_dataset(
     if kind == "archive":
         kind = "official-archive" if archive_is_official(path) else "image-archive"
     if kind.startswith("official") and image_size != 32:
-        raise CifarCnnError(f"--data {source}: official CIFAR-10 images are 32x32 but the model needs {image_size}x{image_size}")
+        raise CifarCnnError(
+            f"--data {source}: official CIFAR-10 images are 32x32 but the model needs {image_size}x{image_size}"
+        )
     readers = {
         "official-dir": lambda: read_official_folder(path),
         "official-archive": lambda: read_official_archive(path),

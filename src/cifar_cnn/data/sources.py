@@ -115,9 +115,7 @@ def read_official_batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]
     if not isinstance(data, np.ndarray) or labels is None:
         raise CifarCnnError(f"{name}: a CIFAR-10 batch needs a 'data' array and 'labels'; found keys {sorted(d)}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise CifarCnnError(
-            f"{name}: 'data' must be uint8 of shape (n, 3072), found {data.dtype} {tuple(data.shape)}"
-        )
+        raise CifarCnnError(f"{name}: 'data' must be uint8 of shape (n, 3072), found {data.dtype} {tuple(data.shape)}")
     try:
         labels_arr = np.asarray(labels)
     except Exception:
@@ -144,7 +142,9 @@ def _assemble_official(read: Callable[[str], bytes | None], where: str) -> Datas
     for name in (*OFFICIAL_TRAIN_BATCHES, OFFICIAL_TEST_BATCH):
         blob = read(name)
         if blob is None:
-            raise CifarCnnError(f"{where}: missing {name}; the official CIFAR-10 set has data_batch_1..5 and test_batch")
+            raise CifarCnnError(
+                f"{where}: missing {name}; the official CIFAR-10 set has data_batch_1..5 and test_batch"
+            )
         parts[name] = read_official_batch(blob, f"{where}/{name}")
     classes = _official_classes(read(OFFICIAL_META), f"{where}/{OFFICIAL_META}")
     for name, (_, labels) in parts.items():
@@ -189,7 +189,8 @@ def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise CifarCnnError(f"{path}: not a readable tar archive ({exc}); download or copy it again") from None
+        reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise CifarCnnError(f"{path}: not a readable tar archive ({reason}); download or copy it again") from None
 
 
 def _read_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
@@ -210,7 +211,9 @@ def check_member_name(name: str, archive: Path | str) -> PurePosixPath:
     """Refuse archive member names that are absolute or climb out with '..' (they could write outside a folder)."""
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name):
-        raise CifarCnnError(f"{archive}: refusing archive member {name!r} (absolute path or '..'); the archive is unsafe")
+        raise CifarCnnError(
+            f"{archive}: refusing archive member {name!r} (absolute path or '..'); the archive is unsafe"
+        )
     return PurePosixPath(*[part for part in p.parts if part not in ("", ".")])
 
 

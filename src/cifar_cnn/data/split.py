@@ -48,5 +48,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     take = np.floor(share).astype(int)
     for i in np.argsort(-(share - take), kind="stable")[: n - take.sum()]:
         take[i] += 1
-    out = [idx[np.sort(_class_rng(seed, cls, 2).permutation(len(idx))[:k])] for (cls, idx), k in zip(groups.items(), take)]
+    out = [
+        idx[np.sort(_class_rng(seed, cls, 2).permutation(len(idx))[:k])] for (cls, idx), k in zip(groups.items(), take)
+    ]
     return np.sort(np.concatenate(out))
