@@ -154,7 +154,9 @@ def run_cli(
     *args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     """Run `python -m cifar_cnn ARGS` in a fresh process, as a user would."""
+    src = str(ROOT / "src")
     full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, full_env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-m", "cifar_cnn", *args],
         capture_output=True,
