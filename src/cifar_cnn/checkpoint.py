@@ -17,6 +17,7 @@ A checkpoint is a dict of plain types and tensors:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -80,8 +81,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Save `payload` (see the module doc) with the format tag, atomically."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    buf = io.BytesIO()
+    torch.save(payload, buf)  # serialize in memory: torch's zip writer reports a full disk as a RuntimeError
     try:
-        atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+        atomic_write_bytes(Path(path), lambda f: f.write(buf.getbuffer()))
     except OSError as exc:
         raise CifarCnnError(
             f"could not write checkpoint {path} ({exc.strerror or exc}); the previous file is intact"

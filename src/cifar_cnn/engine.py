@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +235,9 @@ def train(
     started = time.perf_counter()
     ckpt = load_checkpoint(resume) if resume else None
     paths = prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    if threads is None and ckpt is not None and ckpt.get("threads"):
+        # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
+        threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
     set_threads(threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -319,6 +323,7 @@ def train(
         config=config.to_dict(),
         package_version=__version__,
         torch_version=str(torch.__version__),
+        threads=torch.get_num_threads(),
     )
 
     def rng_state() -> dict[str, torch.Tensor]:
@@ -346,12 +351,9 @@ def train(
         }
 
     interrupted = False
-    stop_requested = {"value": False}
 
-    def on_step(step: int, t: EpochTotals) -> bool:
-        if should_stop is not None and should_stop():
-            stop_requested["value"] = True
-        return stop_requested["value"]
+    def stopping(step: int = 0, t: EpochTotals | None = None) -> bool:
+        return should_stop is not None and should_stop()
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -368,7 +370,7 @@ def train(
             channels_last=channels_last,
             start_step=start_step,
             totals=totals,
-            on_step=on_step,
+            on_step=stopping,
         )
         start_step = 0
         if next_step < len(loader):  # interrupted inside the epoch
@@ -401,6 +403,11 @@ def train(
                 channels_last=channels_last,
             )
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
+            if not math.isfinite(val["loss"]):
+                raise DivergenceError(
+                    f"the validation loss became {val['loss']} after epoch {epoch + 1}; training diverged: lower the "
+                    f"learning rate (--lr) and train again ({paths.best} still holds the best finite weights)"
+                )
         row["seconds"] = round(time.perf_counter() - t0, 3)
         totals = None
         history.append(row)
@@ -420,7 +427,7 @@ def train(
             f"  val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_acc'], True)}  lr {row['lr']:.3g}"
             f"  {row['seconds']:.1f}s" + ("  [best]" if improved else "")
         )
-        if stop_requested["value"]:
+        if stopping():
             interrupted = True
             log(f"interrupted after epoch {epoch + 1}; resume with: cifar-cnn train --resume {paths.last}")
             break
