@@ -20,8 +20,23 @@ from cifar_cnn.checkpoint import load_checkpoint
 
 from .conftest import ROOT
 
-TRAIN = ["--epochs", "4", "--batch-size", "16", "--precision", "fp32", "--threads", "1", "--momentum", "0.9",
-         "--flip", "--translate", "2", "--eval-batch-size", "200"]
+TRAIN = [
+    "--epochs",
+    "4",
+    "--batch-size",
+    "16",
+    "--precision",
+    "fp32",
+    "--threads",
+    "1",
+    "--momentum",
+    "0.9",
+    "--flip",
+    "--translate",
+    "2",
+    "--eval-batch-size",
+    "200",
+]
 
 
 def cli(*args: str) -> list[str]:
@@ -81,8 +96,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_resumable_checkpoint(tmp_path: Path, official_dir: Path, reference: Path, sig: int) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(
+        cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     wait_for(out / "last.pt", proc)  # epoch 1 done: now inside epoch 2
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -101,8 +121,13 @@ def test_signal_saves_resumable_checkpoint(tmp_path: Path, official_dir: Path, r
 
 def test_second_ctrl_c_exits_at_once(tmp_path: Path, official_dir: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(
+        cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     wait_for(out / "config.yaml", proc)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
@@ -201,8 +226,20 @@ def test_read_only_output(tmp_path: Path, official_dir: Path, small_disk) -> Non
 def test_divergence_stops_with_advice(tmp_path: Path, official_dir: Path) -> None:
     out = tmp_path / "run"
     # epoch 1 trains normally; the step schedule then multiplies the LR by a million
-    proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN, "--schedule", "step",
-               "--step-epochs", "1", "--step-gamma", "1e6")
+    proc = run(
+        "train",
+        "--data",
+        str(official_dir),
+        "--out",
+        str(out),
+        *TRAIN,
+        "--schedule",
+        "step",
+        "--step-epochs",
+        "1",
+        "--step-gamma",
+        "1e6",
+    )
     assert proc.returncode == 2, proc.stderr
     assert "diverged" in proc.stderr and "lower the learning rate" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

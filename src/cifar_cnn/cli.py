@@ -27,6 +27,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what was wrong and where to look), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _logger(json_mode: bool) -> Callable[[str], None]:
     """Human-readable progress: stdout normally, stderr when stdout is reserved for --json."""
     stream = sys.stderr if json_mode else sys.stdout
@@ -136,8 +143,12 @@ class StopOnSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"cifar-cnn: {signal.Signals(signum).name} received: stopping after the current step and saving a "
-              "checkpoint (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        print(
+            f"cifar-cnn: {signal.Signals(signum).name} received: stopping after the current step and saving a "
+            "checkpoint (Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -349,13 +360,13 @@ def _build_small(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cifar-cnn",
         formatter_class=_Formatter,
         description="Train, evaluate, explain, export and serve CIFAR-10 image classifiers.",
     )
     parser.add_argument("--version", action="version", version=f"cifar-cnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _build_train(sub)
     _build_evaluate(sub)
     _build_small(sub)

@@ -186,6 +186,8 @@ def read_official_archive(path: Path) -> Dataset:
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
+    if path.name.lower().endswith(".zip"):
+        raise CifarCnnError(f"{path}: not a readable zip archive (truncated or corrupt); download or copy it again")
     try:
         return tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:
