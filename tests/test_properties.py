@@ -56,8 +56,14 @@ def test_batch_reader_structured(spec, labels, bytes_keys: bool, protocol: int) 
 
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
-FORMATS = {"PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"}, "JPEG": {"L", "RGB", "CMYK"},
-           "BMP": {"1", "L", "P", "RGB"}, "GIF": {"L", "P"}, "TIFF": set(MODES), "WEBP": {"RGB", "RGBA"}}
+FORMATS = {
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"},
+    "JPEG": {"L", "RGB", "CMYK"},
+    "BMP": {"1", "L", "P", "RGB"},
+    "GIF": {"L", "P"},
+    "TIFF": set(MODES),
+    "WEBP": {"RGB", "RGBA"},
+}
 
 
 @st.composite
@@ -68,8 +74,15 @@ def encoded_images(draw):
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    im = rgb.convert(mode) if mode not in ("I;16", "I", "F") else Image.fromarray(
-        rng.integers(0, 65535, (h, w)).astype(np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32))
+    im = (
+        rgb.convert(mode)
+        if mode not in ("I;16", "I", "F")
+        else Image.fromarray(
+            rng.integers(0, 65535, (h, w)).astype(
+                np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32
+            )
+        )
+    )
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue(), (w, h), mode, fmt, rgb
