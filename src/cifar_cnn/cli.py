@@ -172,23 +172,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n" if args.json else to_yaml(config))
         return 0
-    with StopOnSignal() as stop:
-        result = train(
-            config,
-            args.data,
-            out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            threads=args.threads,
-            log=log,
-            command=["cifar-cnn", *sys.argv[1:]],
-            should_stop=stop,
-        )
+    observers, bar, tensorboard = _train_observers(args, config, out)
+    if bar is not None:
+        log = bar.log
+    try:
+        with StopOnSignal() as stop:
+            result = train(
+                config,
+                args.data,
+                out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                threads=args.threads,
+                log=log,
+                command=["cifar-cnn", *sys.argv[1:]],
+                should_stop=stop,
+                progress=observers,
+            )
+    except BaseException:
+        if tensorboard is not None:
+            tensorboard.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if tensorboard is not None:
+        tensorboard.finish(result.get("test_metrics"))
+        log(f"tensorboard: tensorboard --logdir {tensorboard.log_dir}")
+    if args.report and not result["interrupted"]:
+        result["report"] = _report_after_training(out, args.data, config, args.threads, log)
     if args.json:
         _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
     if result["interrupted"]:
         return 128 + (stop.signum or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
     return 0
+
+
+def _train_observers(args: argparse.Namespace, config: Any, out: str) -> tuple[Any, Any, Any]:
+    """(what train() gets as progress, the progress bar, the TensorBoard logger) for the train options."""
+    from .progress import Observers, ProgressBar, TensorBoardLogger, training_sample
+
+    bar = ProgressBar(sys.stderr if args.json else sys.stdout) if args.progress else None
+    tensorboard = None
+    if args.tensorboard:
+        data = args.data
+        tensorboard = TensorBoardLogger(Path(out) / "tensorboard", sample_batch=lambda: training_sample(data, config))
+    observers = Observers([bar, tensorboard])
+    return (observers if observers.observers else None), bar, tensorboard
+
+
+def _report_after_training(out: str, data: str, config: Any, threads: int | None, log: Callable[[str], None]) -> Any:
+    """Write RUN_DIR/report/ when matplotlib is installed; the training's results are safe whatever happens here."""
+    try:
+        from .report import build_report
+    except ImportError:
+        log("no report: matplotlib is not installed (pip install 'cifar-cnn[report]'), then run: cifar-cnn report DIR")
+        return None
+    try:
+        summary = build_report(
+            out,
+            data,
+            device=config.device,
+            precision=config.precision,
+            batch_size=config.eval_batch_size,
+            threads=threads,
+            log=log,
+        )
+    except (CifarCnnError, OSError) as exc:
+        log(f"warning: could not write the report ({exc}); try again with: cifar-cnn report {out}")
+        return None
+    return summary["report"]
 
 
 def _build_train(sub: argparse._SubParsersAction) -> None:
@@ -208,6 +261,21 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run files in a non-empty --out")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a progress bar per epoch on a terminal, plain lines elsewhere (on stderr with --json)",
+    )
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also write TensorBoard event files into DIR/tensorboard/"
+    )
+    p.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write plots and DIR/report/index.html after training (needs matplotlib)",
+    )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -275,6 +343,82 @@ def _build_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
     p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report, show-data
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    log = _logger(args.json)
+    summary = build_report(
+        args.run_dir,
+        args.data,
+        out=args.out,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        _emit_json(summary)
+    return 0
+
+
+def _build_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plots and an HTML report of a run directory",
+        formatter_class=_Formatter,
+        description="Evaluate a run's best.pt (last.pt if the run has none, e.g. an interrupted run) on the test "
+        "split and write curves, confusion matrix, per-class accuracy, prediction grids, report.json and a "
+        "self-contained index.html into RUN_DIR/report/. Needs matplotlib.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
+    p.add_argument("--data", default=None, metavar="SOURCE", help="data source (default: the run's own, from run.json)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: RUN_DIR/report)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
+    _common(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_show_data(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .report import plot_class_samples
+
+    log = _logger(args.json)
+    ds = load_dataset(args.data, args.image_size, threads=args.threads, log=log)
+    images, labels = (ds.train_images, ds.train_labels) if args.split == "train" else (ds.test_images, ds.test_labels)
+    shown = plot_class_samples(images, labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
+    summary = {"source": args.data, "split": args.split, "out": args.out} | {
+        k: shown[k] for k in ("classes", "shown", "indices")
+    }
+    if args.json:
+        _emit_json(summary)
+    else:
+        log(f"{args.out}: {args.per_class} {args.split} images for each of {len(ds.classes)} classes")
+    return 0
+
+
+def _build_show_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show-data",
+        help="a PNG of sample images for each class",
+        formatter_class=_Formatter,
+        description="One row of random images (fixed by --seed) per class of a data source.",
+    )
+    _common(p, data=True)
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="which images")
+    p.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class")
+    p.add_argument("--seed", type=int, default=0, help="which images are picked")
+    p.add_argument("--image-size", type=int, default=32, help="side the images are resized to")
+    p.set_defaults(func=cmd_show_data)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -369,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _build_train(sub)
     _build_evaluate(sub)
+    _build_report(sub)
+    _build_show_data(sub)
     _build_small(sub)
     return parser
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from .evaluate import evaluate
 from .models import create_model, model_info
 from .runinfo import now, provenance, write_run_json
 from .schedules import lr_multiplier
+
+if TYPE_CHECKING:
+    from .progress import TrainProgress
 
 METRICS_HEADER = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 RUN_FILES = ("config.yaml", "metrics.csv", "best.pt", "last.pt", "test_metrics.json", "run.json")
@@ -236,12 +239,14 @@ def train(
     log: Callable[[str], None] = print,
     command: list[str] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress: TrainProgress | None = None,
 ) -> dict[str, Any]:
     """Train `config` on `data` into the run directory `out`; returns test metrics and the run's paths.
 
     With `resume` (a last.pt), training continues exactly where that checkpoint stood: same weights, optimizer and
     schedule state, RNG state, epoch and position inside the epoch. `should_stop()` is polled after every step; when
-    it returns True a resumable last.pt is written and training stops (status 'interrupted').
+    it returns True a resumable last.pt is written and training stops (status 'interrupted'). `progress` (see
+    cifar_cnn.progress: a bar, TensorBoard) is told when each epoch starts, after each step and when each epoch ends.
     """
     started = time.perf_counter()
     ckpt = load_checkpoint(resume) if resume else None
@@ -370,10 +375,14 @@ def train(
     interrupted = False
 
     def stopping(step: int = 0, t: EpochTotals | None = None) -> bool:
+        if progress is not None and t is not None:
+            progress.step(step, t)
         return should_stop is not None and should_stop()
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
+        if progress is not None:
+            progress.epoch_start(epoch, config.epochs, len(loader), start_step, config.batch_size)
         totals, next_step = train_one_epoch(
             train_model,
             loader,
@@ -438,6 +447,8 @@ def train(
             save_checkpoint(paths.best, payload(epoch + 1, 0, metrics, "final weights (no validation split)", None))
         save_checkpoint(paths.last, payload(epoch + 1, 0, metrics, "end of epoch", None))
         write_metrics_csv(paths.metrics, history)
+        if progress is not None:
+            progress.epoch_end(row)
         log(
             f"epoch {epoch + 1}/{config.epochs}"
             f"  train loss {_fmt(row['train_loss'])} acc {_fmt(row['train_acc'], True)}"

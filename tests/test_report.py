@@ -1,0 +1,309 @@
+"""Seeing a training: progress lines, TensorBoard events, plots, the HTML report (rendered in headless Chromium),
+reports of interrupted runs, and sample images per class.
+
+One small CLI training (2 epochs on the tiny data set, with --tensorboard and --json) is shared by the module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_cnn import resolve_config, train
+from cifar_cnn.cli import main
+from cifar_cnn.data import load_dataset
+from cifar_cnn.engine import EpochTotals
+from cifar_cnn.progress import ProgressBar
+from cifar_cnn.report import build_report, plot_confusion, plot_curves, read_metrics
+
+from .conftest import make_images, run_cli, write_official_batches
+
+CHROMIUM = "/usr/bin/chromium"
+PNGS = ("curves", "confusion", "per_class", "predictions", "confident_wrong")
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`cifar-cnn train --tensorboard --json` for 2 epochs; a low LR so the test split keeps some mistakes."""
+    root = tmp_path_factory.mktemp("report")
+    x, y = make_images(60, seed=1)
+    tx, ty = make_images(20, seed=2)
+    data = write_official_batches(root / "cifar-10-batches-py", x, y, tx, ty)
+    env = {"CIFAR_CNN_HOME": str(root / "home")}
+    out = root / "run"
+    proc = run_cli(
+        "train", "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32", "--lr", "0.005",
+        "--momentum", "0.9", "--precision", "fp32", "--threads", "1", "--tensorboard", "--json", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return {"out": out, "data": data, "env": env, "proc": proc}
+
+
+def metrics_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path, min_size: tuple[int, int] = (300, 150)) -> Image.Image:
+    with Image.open(path) as im:
+        im.verify()
+    im = Image.open(path).convert("RGB")
+    assert im.format is None or im.format == "PNG"
+    w, h = im.size
+    assert min_size[0] <= w <= 4000 and min_size[1] <= h <= 4000, (path, im.size)
+    assert len(im.getcolors(1 << 24)) > 20, f"{path} is nearly blank"
+    return im
+
+
+class TableReader(HTMLParser):
+    """The cell texts of the <table id=...> tables of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "table" and "id" in a:
+            self._table = a["id"]
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._table and self._cell is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_train_progress_json_and_tensorboard(cli_run: dict) -> None:
+    proc, out = cli_run["proc"], cli_run["out"]
+    summary = json.loads(proc.stdout)  # stdout holds exactly one JSON object; progress went to stderr
+    assert summary["report"] == str(out / "report" / "index.html") and Path(summary["report"]).is_file()
+    err = proc.stderr
+    assert "\r" not in err and "\x1b" not in err, "progress wrote control codes into a non-terminal stream"
+    lines = re.findall(r"epoch (\d)/2  step (\d+)/15  loss \d+\.\d{4}  acc [\d.]+%  \d+ img/s  (ETA|\d)", err)
+    assert [(e, s) for e, s, _ in lines if s == "15"] == [("1", "15"), ("2", "15")]
+    assert 8 <= len(lines) <= 2 * 11, lines  # about one line per tenth of an epoch
+    assert re.search(r"^epoch 2/2  train loss .* val loss", err, re.M)  # the epoch summary line
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    rows = metrics_csv(out / "metrics.csv")
+    for tag, col in [
+        ("loss/train", "train_loss"),
+        ("loss/val", "val_loss"),
+        ("accuracy/train", "train_acc"),
+        ("accuracy/val", "val_acc"),
+        ("lr", "lr"),
+    ]:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [1, 2], tag
+        assert [e.value for e in events] == pytest.approx([float(r[col]) for r in rows], rel=1e-6), tag
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert acc.Scalars("accuracy/test")[0].value == pytest.approx(test["accuracy"])
+    tags = acc.Tags()["images"]
+    assert "test/confusion_matrix" in tags and any(t.startswith("data/sample_batch") for t in tags), tags
+    sample = next(t for t in tags if t.startswith("data/sample_batch"))
+    grid = Image.open(io.BytesIO(acc.Images(sample)[0].encoded_image_string))
+    assert grid.size[0] >= 4 * 32 and grid.size[1] >= 4 * 32  # 32 images of 32x32 tiled
+
+
+def test_plots_open_and_curves_are_metrics_csv(cli_run: dict) -> None:
+    out = cli_run["out"]
+    report = out / "report"
+    for name in PNGS:
+        assert_png(report / f"{name}.png")
+    rows = metrics_csv(out / "metrics.csv")
+    epochs = [float(r["epoch"]) for r in rows]
+    expected = {
+        "loss": {"train": "train_loss", "validation": "val_loss"},
+        "accuracy": {"train": "train_acc", "validation": "val_acc"},
+        "learning rate": {"lr (end of epoch)": "lr"},
+    }
+    # what the figure holds, read back from its lines, in report.json and from a fresh figure
+    stored = json.loads((report / "report.json").read_text())["curves"]
+    fresh = plot_curves(read_metrics(out / "metrics.csv"))["data"]
+    for curves in (stored, fresh):
+        assert set(curves) == set(expected)
+        for panel, lines in expected.items():
+            assert set(curves[panel]) == set(lines), panel
+            for label, col in lines.items():
+                assert curves[panel][label]["epoch"] == epochs == [1.0, 2.0]
+                assert curves[panel][label]["value"] == [float(r[col]) for r in rows], (panel, label)
+
+
+def test_report_command_confusion_matrix_is_evaluates(cli_run: dict) -> None:
+    out, data, env = cli_run["out"], cli_run["data"], cli_run["env"]
+    rep = run_cli("report", str(out), "--json", env=env)  # --data defaults to the run's own (run.json)
+    assert rep.returncode == 0, rep.stderr
+    summary = json.loads(rep.stdout)
+    ev = run_cli("evaluate", str(out / "best.pt"), "--data", str(data), "--json", env=env)
+    assert ev.returncode == 0, ev.stderr
+    evaluated = json.loads(ev.stdout)
+    cm = evaluated["confusion_matrix"]
+    assert np.array(cm).sum() == 200 and np.trace(np.array(cm)) < 200  # some mistakes to show
+    assert summary["checkpoint"]["name"] == "best.pt" and summary["data"] == str(data)
+    assert summary["test_metrics"] == evaluated | {"checkpoint": summary["test_metrics"]["checkpoint"]}
+    # the HTML table, the heat map's cells and colours show the same numbers
+    page = (out / "report" / "index.html").read_text()
+    reader = TableReader()
+    reader.feed(page)
+    table = reader.tables["confusion-matrix"]
+    assert table[0][1:] == evaluated["classes"]
+    assert [[int(v) for v in row[1:]] for row in table[1:]] == cm
+    assert [row[0] for row in table[1:]] == evaluated["classes"]
+    drawn = plot_confusion(cm, evaluated["classes"])
+    assert drawn["annotations"] == cm and drawn["data"] == cm
+    per_class = {row[0]: row[1:] for row in reader.tables["per-class"][1:]}
+    for c in evaluated["classes"]:
+        acc = evaluated["per_class_accuracy"][c]
+        assert per_class[c][0] == str(int(np.array(cm)[evaluated["classes"].index(c)].sum()))
+        assert per_class[c][1] == f"{100 * acc:.2f}%"
+    # self-contained: every image is a data URI, nothing is fetched
+    assert not re.search(r'(?:src|href)\s*=\s*"(?!data:)', page)
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == len(PNGS)
+    assert [r[0] for r in reader.tables["epochs"][1:]] == ["1", "2"]
+
+
+def test_html_report_renders_in_headless_chromium(cli_run: dict, tmp_path: Path) -> None:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does: apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    page = (cli_run["out"] / "report" / "index.html").resolve()
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+        page.as_uri(),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    im = Image.open(shot).convert("RGB")
+    assert im.size == (1280, 2000)
+    px = np.asarray(im).reshape(-1, 3).astype(int)
+    assert len(np.unique(px @ np.array([1 << 16, 1 << 8, 1]))) > 500, "the screenshot has too few colours"
+    assert (px.min(1) > 240).mean() < 0.97, "the screenshot is (nearly) all white"
+
+    def near(rgb: tuple[int, int, int]) -> int:
+        return int((np.abs(px - np.array(rgb)).max(1) <= 12).sum())
+
+    assert near((31, 119, 180)) > 300, "no train curve (tab:blue) in view"
+    assert near((255, 127, 14)) > 150, "no validation curve (tab:orange) in view"
+    assert near((238, 241, 244)) > 2000, "no table header cells in view"
+
+
+def small_config(**overrides):
+    base = dict(epochs=2, batch_size=32, lr=0.005, momentum=0.9, device="cpu", precision="fp32", eval_batch_size=64)
+    return resolve_config("seed", None, base | overrides)
+
+
+def stop_after(n: int):
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= n
+
+    return should_stop
+
+
+def test_interrupted_runs_get_a_report(tmp_path: Path, official_dir: Path) -> None:
+    # stopped in epoch 2 (step 5 of 15): one logged epoch, best.pt from epoch 1, no test_metrics.json
+    out = tmp_path / "half"
+    res = train(small_config(), str(official_dir), out, log=quiet, threads=1, should_stop=stop_after(20))
+    assert res["interrupted"] and not (out / "test_metrics.json").exists()
+    summary = build_report(out, precision="fp32", log=quiet)  # data from run.json
+    assert summary["status"] == "interrupted" and summary["checkpoint"]["name"] == "best.pt"
+    rows = metrics_csv(out / "metrics.csv")
+    assert len(rows) == 1 and summary["epochs_completed"] == 1
+    assert summary["curves"]["loss"]["train"] == {"epoch": [1.0], "value": [float(rows[0]["train_loss"])]}
+    assert summary["curves"]["accuracy"]["validation"]["value"] == [float(rows[0]["val_acc"])]
+    assert np.array(summary["test_metrics"]["confusion_matrix"]).sum() == 200
+    page = (out / "report" / "index.html").read_text()
+    assert "interrupted" in page and "1 of 2 epochs" in page
+    for name in PNGS:
+        assert_png(out / "report" / f"{name}.png")
+
+    # stopped in epoch 1: nothing logged yet, no best.pt; the report evaluates last.pt (saved mid-epoch)
+    out = tmp_path / "early"
+    train(small_config(), str(official_dir), out, log=quiet, threads=1, should_stop=stop_after(3))
+    assert not (out / "best.pt").exists() and metrics_csv(out / "metrics.csv") == []
+    summary = build_report(out, str(official_dir), precision="fp32", log=quiet)
+    assert summary["checkpoint"]["name"] == "last.pt" and summary["checkpoint"]["batch_in_epoch"] == 3
+    assert summary["epochs_completed"] == 0 and summary["curves"]["loss"]["train"]["epoch"] == []
+    assert "has no best.pt" in (out / "report" / "index.html").read_text()
+    assert_png(out / "report" / "curves.png")
+
+
+def test_show_data_one_row_per_class(tmp_path: Path, official_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    png = tmp_path / "samples" / "classes.png"
+    assert main(["show-data", "--data", str(official_dir), "--out", str(png), "--per-class", "5", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    ds = load_dataset(str(official_dir), log=quiet)
+    assert shown["classes"] == ds.classes and shown["shown"] == {c: 5 for c in ds.classes}
+    for i, c in enumerate(ds.classes):
+        assert (ds.train_labels[shown["indices"][c]] == i).all(), c  # each row holds images of its class
+    im = assert_png(png, min_size=(400, 800))
+    assert im.size[1] > im.size[0]  # 10 rows of 5
+
+
+def test_progress_plain_lines_off_a_terminal_and_a_bar_on_one() -> None:
+    def drive(bar: ProgressBar) -> None:
+        bar.epoch_start(0, 1, 40, 0, 10)
+        t = EpochTotals()
+        for step in range(40):
+            t.loss_sum, t.correct, t.seen = t.loss_sum + 10 * 2.0, t.correct + 5, t.seen + 10
+            bar.step(step, t)
+        bar.epoch_end({})
+        bar.close()
+
+    plain = io.StringIO()
+    drive(ProgressBar(plain))
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 10 and "\r" not in plain.getvalue() and "\x1b" not in plain.getvalue()
+    assert lines[0].startswith("  epoch 1/1  step 4/40  loss 2.0000  acc 50.00%") and "ETA" in lines[0]
+    assert "step 40/40" in lines[-1] and "elapsed" in lines[-1]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    bar = ProgressBar(term)
+    assert not bar.plain
+    drive(bar)
+    assert "\r" in term.getvalue() and "epoch 1/1" in term.getvalue() and "batch" in term.getvalue()
+
+
+def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"cifar-cnn: error: {tmp_path / 'missing'}: no such run directory"
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither best.pt nor last.pt" in err[0]
