@@ -102,10 +102,10 @@ class ProgressBar:
             self._bar.update(1)
             return
         done = step + 1
-        # a line at every tenth of the epoch (and at its last step), whatever the number of steps
+        # a line after the first step (early speed and ETA), then at every tenth of the epoch and at its last step
         if done >= self._next_line or done == self._steps:
-            while self._next_line <= done:
-                self._next_line += max(1, -(-self._steps // self.lines_per_epoch))
+            every = max(1, -(-self._steps // self.lines_per_epoch))
+            self._next_line = (done // every + 1) * every
             tail = f"ETA {_clock(eta)}" if done < self._steps else f"{_clock(time.perf_counter() - self._t0)} elapsed"
             print(
                 f"  epoch {self._epoch + 1}/{self._epochs}  step {done}/{self._steps}  loss {loss:.4f}  "
