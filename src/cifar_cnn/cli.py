@@ -391,6 +391,8 @@ def cmd_show_data(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .report import plot_class_samples
 
+    if args.per_class < 1:
+        raise CifarCnnError(f"--per-class must be at least 1, got {args.per_class}")
     log = _logger(args.json)
     ds = load_dataset(args.data, args.image_size, threads=args.threads, log=log)
     images, labels = (ds.train_images, ds.train_labels) if args.split == "train" else (ds.test_images, ds.test_labels)
