@@ -215,12 +215,16 @@ def test_read_only_output(tmp_path: Path, official_dir: Path, small_disk) -> Non
     out = disk / "run"
     proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def files() -> dict[str, bytes]:  # every file, report/ included
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     proc = run("train", "--data", str(official_dir), "--resume", str(out / "last.pt"), "--epochs", "2")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Read-only file system" in proc.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files() == before
 
 
 def test_divergence_stops_with_advice(tmp_path: Path, official_dir: Path) -> None:
