@@ -57,7 +57,7 @@ def test_batch_reader_structured(spec, labels, bytes_keys: bool, protocol: int) 
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
 FORMATS = {
-    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"},
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"},
     "JPEG": {"L", "RGB", "CMYK"},
     "BMP": {"1", "L", "P", "RGB"},
     "GIF": {"L", "P"},
