@@ -101,11 +101,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: di
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict[str, Any]) -> None:
     """torch.jit.trace (these CNNs have no data-dependent control flow); metadata as an extra file in the archive."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch 2.13 marks torch.jit deprecated; TorchScript files still load in C++
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, buf, _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
     atomic_write_bytes(out, lambda f: f.write(buf.getvalue()))
 
 
@@ -119,7 +119,9 @@ def exported_logits(fmt: str, path: Path, x: torch.Tensor, batch_size: int) -> n
         for i in range(0, len(x), batch_size):
             chunks.append(session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0])
     else:
-        loaded = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
                 chunks.append(loaded(x[i : i + batch_size]).float().numpy())
