@@ -161,7 +161,8 @@ def test_bad_uploads_get_4xx_with_a_message(server: Server, real_images: Path):
     )
     assert 400 <= chunked.status_code < 500 and "too large" in chunked.text
     assert post_image(server.url, jpeg).status_code == 200  # and the server is fine afterwards
-    assert httpx.get(f"{server.url}/metrics").json()["rejected"]["422"] >= 3
+    rejected = httpx.get(f"{server.url}/metrics").json()["rejected"]
+    assert rejected["422"] >= 4 and rejected["413"] >= 2 and rejected["400"] >= 1
 
 
 def test_concurrent_requests_share_forward_passes(server: Server, real_images: Path):

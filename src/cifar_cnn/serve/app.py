@@ -121,9 +121,10 @@ class BodyLimit:
     """ASGI middleware that refuses request bodies over `limit` bytes with 413, from Content-Length when given,
     else while the body streams in, so an oversized upload is never read into memory whole."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, on_reject: Callable[[], None] = lambda: None) -> None:
         self.app = app
         self.limit = limit
+        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,6 +133,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            self.on_reject()
             response = JSONResponse({"detail": self.message()}, status_code=413)
             await response(scope, receive, send)
             return
@@ -143,6 +145,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    self.on_reject()
                     raise HTTPException(status_code=413, detail=self.message())
             return message
 
@@ -190,7 +193,9 @@ def create_app(
         description="Upload an image to POST /predict; the web page at / does the same from a browser.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(
+        BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD, on_reject=lambda: stats.rejected.update([413])
+    )
 
     def reject(status: int, detail: str) -> HTTPException:
         stats.rejected[status] += 1
