@@ -56,11 +56,13 @@ def test_failed_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyP
     save_checkpoint(path, minimal(model))
     before = path.read_bytes()
 
-    def boom(obj, f, *a, **k):
-        f.write(b"partial")
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:  # the data reached the temporary file, then the disk filled up
+        real_fsync(fd)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(CifarCnnError, match="previous file is intact"):
         save_checkpoint(path, minimal(model))
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["c.pt"]

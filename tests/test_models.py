@@ -61,3 +61,16 @@ def test_registry_refuses_duplicates_and_unknowns() -> None:
         create_model("seed_cnn", width=3)
     with pytest.raises(CifarCnnError, match="dropout"):
         create_model("seed_cnn", dropout=1.5)
+
+
+def test_resnet18_reference_shape_and_size() -> None:
+    m = create_model("resnet18")
+    # the standard CIFAR ResNet-18 has 11,173,962 parameters for 10 classes
+    assert sum(p.numel() for p in m.parameters()) == 11_173_962
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10)
+    # zero-initialised last BN: at init every residual block is the identity on its shortcut path
+    block = m.layers[0]
+    with torch.no_grad():
+        h = torch.relu(torch.randn(2, 64, 8, 8))
+        assert torch.allclose(block.eval()(h), h)

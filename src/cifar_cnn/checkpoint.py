@@ -16,6 +16,8 @@ A checkpoint is a dict of plain types and tensors:
 
 from __future__ import annotations
 
+import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,10 @@ def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Save `payload` (see the module doc) with the format tag, atomically."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    buf = io.BytesIO()
+    torch.save(payload, buf)  # serialize in memory: torch's zip writer reports a full disk as a RuntimeError
     try:
-        atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+        atomic_write_bytes(Path(path), lambda f: f.write(buf.getbuffer()))
     except OSError as exc:
         raise CifarCnnError(
             f"could not write checkpoint {path} ({exc.strerror or exc}); the previous file is intact"
@@ -61,8 +65,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses anyway
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load raises many types on foreign or damaged files (KeyError, EOFError, ...)
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint, or a damaged one ({first})") from None
+        raise CifarCnnError(f"{p}: not a cifar-cnn checkpoint, or a damaged one ({_load_failure(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CifarCnnError(
             f"{p}: not a cifar-cnn checkpoint (no '{FORMAT}' format tag); train one with `cifar-cnn train`"
@@ -78,6 +81,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def _load_failure(exc: Exception) -> str:
+    """A short reason for a failed torch.load, instead of torch's page-long message."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found:
+            return f"it refers to {found.group(1)}; refusing to unpickle it, since that could run code"
+        return "not a torch checkpoint file"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "truncated or corrupt file"
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first}"
+
+
+def state_dict_mismatch(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return (useful or lines or ["state dict mismatch"])[0][:200]
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights (in eval mode)."""
     from .models import create_model
@@ -87,8 +110,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CifarCnnError(f"{path}: weights do not fit model {spec['name']!r} ({first})") from None
+        raise CifarCnnError(
+            f"{path}: weights do not fit model {spec['name']!r} ({state_dict_mismatch(exc)})"
+        ) from None
     return model.eval()
 
 

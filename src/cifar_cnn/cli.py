@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,6 +25,13 @@ from .errors import CifarCnnError
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what was wrong and where to look), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _logger(json_mode: bool) -> Callable[[str], None]:
@@ -113,6 +122,38 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class StopOnSignal:
+    """Ctrl-C or SIGTERM during training: finish the current step, save a resumable checkpoint and exit.
+    A second Ctrl-C exits at once (checkpoints are written atomically, so nothing is left half-written)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"cifar-cnn: {signal.Signals(signum).name} received: stopping after the current step and saving a "
+            "checkpoint (Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import resolve_config, to_yaml
@@ -124,25 +165,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config or args.recipe:
             raise CifarCnnError("--resume continues a run with its own config; drop --config and --recipe")
         config = resume_config(load_checkpoint(args.resume), overrides)
-        out = args.out or str(__import__("pathlib").Path(args.resume).parent)
+        out = args.out or str(Path(args.resume).parent)
     else:
         config = resolve_config(args.recipe, args.config, overrides)
         out = args.out or f"runs/{config.recipe}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if args.print_config:
         sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n" if args.json else to_yaml(config))
         return 0
-    result = train(
-        config,
-        args.data,
-        out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        threads=args.threads,
-        log=log,
-        command=["cifar-cnn", *sys.argv[1:]],
-    )
+    with StopOnSignal() as stop:
+        result = train(
+            config,
+            args.data,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            threads=args.threads,
+            log=log,
+            command=["cifar-cnn", *sys.argv[1:]],
+            should_stop=stop,
+        )
     if args.json:
         _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
+    if result["interrupted"]:
+        return 128 + (stop.signum or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
     return 0
 
 
@@ -488,13 +533,13 @@ def _torch_free_parser(argv: Sequence[str]) -> argparse.ArgumentParser | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cifar-cnn",
         formatter_class=_Formatter,
         description="Train, evaluate, explain, export and serve CIFAR-10 image classifiers.",
     )
     parser.add_argument("--version", action="version", version=f"cifar-cnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _build_train(sub)
     _build_evaluate(sub)
     _build_small(sub)

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap_state_dict
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    state_dict_mismatch,
+    unwrap_state_dict,
+)
 from .config import TrainConfig, apply, to_yaml, validate
 from .data import Splits, load_dataset, make_splits
 from .data.pipeline import Augment, TensorLoader, normalize
@@ -181,8 +189,8 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunPaths:
-    """Create the run directory; refuse a non-empty one unless resuming or told to overwrite."""
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless resuming or told to overwrite. Changes nothing."""
     if out.exists() and not out.is_dir():
         raise CifarCnnError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
@@ -190,15 +198,19 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunPaths:
             f"--out {out}: folder is not empty; pass --resume {out / 'last.pt'} to continue that run, "
             "--overwrite to replace it, or choose another --out"
         )
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunPaths:
+    """Create the run directory (after everything else was checked, so bad input never touches an old run)."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CifarCnnError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    paths = RunPaths(out)
     if overwrite and not resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    return paths
+    return RunPaths(out)
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -233,7 +245,10 @@ def train(
     """
     started = time.perf_counter()
     ckpt = load_checkpoint(resume) if resume else None
-    paths = prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    if threads is None and ckpt is not None and ckpt.get("threads"):
+        # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
+        threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
     set_threads(threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -251,7 +266,12 @@ def train(
     torch.manual_seed(config.seed)  # initial weights
     model = create_model(config.model, num_classes=num_classes, **config.model_args)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model_state"])
+        try:
+            model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as exc:
+            raise CifarCnnError(
+                f"{resume}: weights do not fit model {config.model!r} ({state_dict_mismatch(exc)})"
+            ) from None
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -286,6 +306,7 @@ def train(
         if device.type == "cuda" and "cuda" in ckpt["rng_state"]:
             torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"], device)
 
+    paths = prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
     run = provenance(device, precision, command)
     run.update(data=data, images=_input_arrays(splits), resumed_from=str(resume) if resume else None)
     if ckpt is not None and paths.run_json.is_file():
@@ -319,6 +340,7 @@ def train(
         config=config.to_dict(),
         package_version=__version__,
         torch_version=str(torch.__version__),
+        threads=torch.get_num_threads(),
     )
 
     def rng_state() -> dict[str, torch.Tensor]:
@@ -346,12 +368,9 @@ def train(
         }
 
     interrupted = False
-    stop_requested = {"value": False}
 
-    def on_step(step: int, t: EpochTotals) -> bool:
-        if should_stop is not None and should_stop():
-            stop_requested["value"] = True
-        return stop_requested["value"]
+    def stopping(step: int = 0, t: EpochTotals | None = None) -> bool:
+        return should_stop is not None and should_stop()
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -368,7 +387,7 @@ def train(
             channels_last=channels_last,
             start_step=start_step,
             totals=totals,
-            on_step=on_step,
+            on_step=stopping,
         )
         start_step = 0
         if next_step < len(loader):  # interrupted inside the epoch
@@ -401,6 +420,11 @@ def train(
                 channels_last=channels_last,
             )
             row.update(val_loss=val["loss"], val_acc=val["accuracy"])
+            if not math.isfinite(val["loss"]):
+                raise DivergenceError(
+                    f"the validation loss became {val['loss']} after epoch {epoch + 1}; training diverged: lower the "
+                    f"learning rate (--lr) and train again ({paths.best} still holds the best finite weights)"
+                )
         row["seconds"] = round(time.perf_counter() - t0, 3)
         totals = None
         history.append(row)
@@ -420,7 +444,7 @@ def train(
             f"  val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_acc'], True)}  lr {row['lr']:.3g}"
             f"  {row['seconds']:.1f}s" + ("  [best]" if improved else "")
         )
-        if stop_requested["value"]:
+        if stopping():
             interrupted = True
             log(f"interrupted after epoch {epoch + 1}; resume with: cifar-cnn train --resume {paths.last}")
             break

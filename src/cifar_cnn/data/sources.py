@@ -82,12 +82,16 @@ class _BatchUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
-        ("_codecs", "encode"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+        ("__builtin__", "bytes"),  # ... and empty bytes
+        ("builtins", "bytes"),
     }
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        if module == "__builtin__":
+            module = "builtins"
         if module.startswith("numpy.core"):  # numpy >= 2 moved numpy.core to numpy._core
             try:
                 return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
@@ -117,7 +121,7 @@ def read_official_batch(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise CifarCnnError(f"{name}: 'data' must be uint8 of shape (n, 3072), found {data.dtype} {tuple(data.shape)}")
     try:
-        labels_arr = np.asarray(labels)
+        labels_arr = np.asarray(labels) if len(labels) else np.zeros(0, dtype=np.int64)
     except Exception:
         labels_arr = np.asarray([], dtype=object)
     if labels_arr.ndim != 1 or labels_arr.dtype.kind not in "iu" or len(labels_arr) != len(data):
@@ -186,6 +190,8 @@ def read_official_archive(path: Path) -> Dataset:
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
+    if path.name.lower().endswith(".zip"):
+        raise CifarCnnError(f"{path}: not a readable zip archive (truncated or corrupt); download or copy it again")
     try:
         return tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as exc:

@@ -1,0 +1,621 @@
+"""The bad-input catalogue (docs/bad-input.md): every case exits with code 2 and a one-line message that names the
+file or value, and leaves an earlier run's files byte-for-byte as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_cnn import resolve_config, train
+from cifar_cnn.cli import main
+
+from .conftest import make_images, make_tar, write_official_batches
+
+
+@dataclass
+class Env:
+    tmp: Path
+    official: Path  # a good official-format folder
+    run: Path  # a finished run whose files must survive every bad command
+
+    def official_with(self, name: str, blob: bytes) -> Path:
+        """A copy of the good official folder with one file replaced."""
+        folder = self.tmp / f"official_{name}_{hashlib.md5(blob).hexdigest()[:8]}"
+        folder.mkdir()
+        for f in self.official.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        (folder / name).write_bytes(blob)
+        return folder
+
+    def tree(self, files: dict[str, bytes], name: str = "tree") -> Path:
+        root = self.tmp / name
+        for rel, blob in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(blob)
+        return root
+
+    def train_into_run(self, *args: str) -> list[str]:
+        """A train command aimed at the finished run with --overwrite: bad input must be caught before it is touched."""
+        return ["train", "--out", str(self.run), "--overwrite", "--epochs", "1", "--threads", "1", *args]
+
+
+def png(size: tuple[int, int] = (32, 32), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def good_tree_files(classes=("a", "b")) -> dict[str, bytes]:
+    return {f"{split}/{c}/{i}.png": png() for split in ("train", "test") for c in classes for i in range(2)}
+
+
+def batch(**d) -> bytes:
+    return pickle.dumps(d, protocol=2)
+
+
+def bomb_png() -> bytes:
+    """A tiny PNG whose header claims 30000 x 30000 pixels (900 MP): a decompression bomb."""
+    buf = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cifar_cnn_bad_input_pwned",))
+
+
+def tar_with(tmp: Path, name: str, member: str) -> Path:
+    path = tmp / name
+    with tarfile.open(path, "w") as tf:
+        data = png()
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def truncated(path: Path, fraction: float = 0.5) -> bytes:
+    blob = path.read_bytes()
+    return blob[: int(len(blob) * fraction)]
+
+
+def ckpt_file(e: Env, name: str, obj=None, blob: bytes | None = None) -> Path:
+    path = e.tmp / name
+    if blob is not None:
+        path.write_bytes(blob)
+    else:
+        torch.save(obj, path)
+    return path
+
+
+def other_classes_data(e: Env) -> Path:
+    x, y = make_images(5, num_classes=3)
+    return write_official_batches(e.tmp / "three", x, y, x, y, classes=["p", "q", "r"])
+
+
+# (id, area, what, argv builder, fragment the message must contain)
+Case = tuple[str, str, str, Callable[[Env], list[str]], str]
+CASES: list[Case] = [
+    (
+        "missing-path",
+        "data",
+        "--data names nothing",
+        lambda e: e.train_into_run("--data", str(e.tmp / "nope")),
+        "no such file or folder",
+    ),
+    (
+        "not-an-archive",
+        "data",
+        "--data is a plain file",
+        lambda e: ["data", "--data", str(e.tree({"x.txt": b"hi"}) / "x.txt")],
+        "not a folder or a .tar",
+    ),
+    (
+        "unknown-folder",
+        "data",
+        "a folder with neither batches nor train/",
+        lambda e: ["data", "--data", str(e.tree({"readme.md": b"x"}, "plain"))],
+        "found neither CIFAR-10 batches",
+    ),
+    (
+        "corrupt-tar-gz",
+        "data",
+        "random bytes named .tar.gz",
+        lambda e: e.train_into_run(
+            "--data", str(e.tree({"c.tar.gz": b"\x1f\x8b\x08" + bytes(500)}, "ct") / "c.tar.gz")
+        ),
+        "c.tar.gz",
+    ),
+    (
+        "truncated-tar-gz",
+        "data",
+        "an official archive cut in half",
+        lambda e: [
+            "data",
+            "--data",
+            str(
+                e.tree({"cifar-10-python.tar.gz": truncated(make_tar(e.official, e.tmp / "full.tar.gz"))}, "tt")
+                / "cifar-10-python.tar.gz"
+            ),
+        ],
+        "truncated",
+    ),
+    (
+        "truncated-zip",
+        "data",
+        "an image-folder zip cut short",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.tree({"d.zip": truncated(_zip_of(e, good_tree_files()), 0.7)}, "tz") / "d.zip"),
+        ],
+        "d.zip",
+    ),
+    (
+        "pickle-wrong-object",
+        "data",
+        "a batch that pickles a list, not a dict",
+        lambda e: ["data", "--data", str(e.official_with("data_batch_2", pickle.dumps([1, 2, 3], protocol=2)))],
+        "expected a pickled dict",
+    ),
+    (
+        "pickle-code-gadget",
+        "data",
+        "a batch that would run code when unpickled",
+        lambda e: ["data", "--data", str(e.official_with("data_batch_1", pickle.dumps({"data": Evil()})))],
+        "posix.system",
+    ),
+    (
+        "pickle-garbage",
+        "data",
+        "a batch file that is not a pickle",
+        lambda e: ["data", "--data", str(e.official_with("test_batch", b"\x00garbage" * 10))],
+        "test_batch",
+    ),
+    (
+        "batch-wrong-shape",
+        "data",
+        "data of shape (n, 1024)",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.official_with("data_batch_3", batch(data=np.zeros((4, 1024), np.uint8), labels=[0] * 4))),
+        ],
+        "(n, 3072)",
+    ),
+    (
+        "batch-wrong-dtype",
+        "data",
+        "float32 pixels",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.official_with("data_batch_3", batch(data=np.zeros((4, 3072), np.float32), labels=[0] * 4))),
+        ],
+        "uint8",
+    ),
+    (
+        "labels-out-of-range",
+        "data",
+        "a label of 10 in a 10-class set",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.official_with("test_batch", batch(data=np.zeros((2, 3072), np.uint8), labels=[0, 10]))),
+        ],
+        "labels must be in 0..9",
+    ),
+    (
+        "labels-count",
+        "data",
+        "fewer labels than images",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.official_with("test_batch", batch(data=np.zeros((3, 3072), np.uint8), labels=[0, 1]))),
+        ],
+        "'labels' must be 3 integers",
+    ),
+    (
+        "labels-not-integers",
+        "data",
+        "labels given as strings",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.official_with("test_batch", batch(data=np.zeros((2, 3072), np.uint8), labels=["a", "b"]))),
+        ],
+        "'labels' must be 2 integers",
+    ),
+    (
+        "missing-batch",
+        "data",
+        "data_batch_4 absent",
+        lambda e: ["data", "--data", str(_without(e, "data_batch_4"))],
+        "missing data_batch_4",
+    ),
+    (
+        "no-test-split",
+        "data",
+        "an image folder without test/",
+        lambda e: [
+            "data",
+            "--data",
+            str(e.tree({k: v for k, v in good_tree_files().items() if k.startswith("train")}, "nt")),
+        ],
+        "no images under test/",
+    ),
+    (
+        "single-class",
+        "data",
+        "train/ with one class",
+        lambda e: ["data", "--data", str(e.tree(good_tree_files(classes=("only",)), "one"))],
+        "at least 2 are needed",
+    ),
+    (
+        "empty-class-folder",
+        "data",
+        "a class folder with no images",
+        lambda e: ["data", "--data", str(_with_empty_class(e))],
+        "at least 2 are needed",
+    ),
+    (
+        "test-class-unknown",
+        "data",
+        "test/ has a class train/ lacks",
+        lambda e: ["data", "--data", str(e.tree({**good_tree_files(), "test/zebra/0.png": png()}, "tc"))],
+        "zebra",
+    ),
+    (
+        "corrupt-image",
+        "images",
+        "a .png that is not a PNG",
+        lambda e: e.train_into_run(
+            "--data", str(e.tree({**good_tree_files(), "train/a/bad.png": b"\x89PNG\r\n\x1a\nxx"}, "ci"))
+        ),
+        "bad.png",
+    ),
+    (
+        "truncated-image",
+        "images",
+        "a JPEG cut in half",
+        lambda e: ["data", "--data", str(e.tree({**good_tree_files(), "train/b/half.jpg": _half_jpeg()}, "ti"))],
+        "half.jpg",
+    ),
+    (
+        "decompression-bomb",
+        "images",
+        "a PNG claiming 900 megapixels",
+        lambda e: ["data", "--data", str(e.tree({**good_tree_files(), "train/a/bomb.png": bomb_png()}, "db"))],
+        "bomb.png",
+    ),
+    (
+        "archive-dotdot",
+        "data",
+        "an archive member named ../x",
+        lambda e: ["data", "--data", str(tar_with(e.tmp, "dd.tar", "../../train/a/x.png"))],
+        "refusing archive member",
+    ),
+    (
+        "archive-absolute",
+        "data",
+        "an archive member named /etc/x",
+        lambda e: ["data", "--data", str(tar_with(e.tmp, "abs.tar", "/etc/cifar_x.png"))],
+        "refusing archive member",
+    ),
+    (
+        "config-unknown-key",
+        "config",
+        "a misspelt key",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "u.yaml", "learnrate: 0.1\n"))),
+        "unknown config key(s) learnrate",
+    ),
+    (
+        "config-wrong-type",
+        "config",
+        "epochs: ten",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "t.yaml", "epochs: ten\n"))),
+        "'epochs' must be an integer",
+    ),
+    (
+        "config-bool-type",
+        "config",
+        "flip: 3",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "b.toml", "flip = 3\n"))),
+        "'flip' must be true or false",
+    ),
+    (
+        "config-bad-choice",
+        "config",
+        "optimizer: rmsprop",
+        lambda e: e.train_into_run(
+            "--data", str(e.official), "--config", str(_cfg(e, "c.yaml", "optimizer: rmsprop\n"))
+        ),
+        "must be one of sgd, adam, adamw",
+    ),
+    (
+        "config-bad-yaml",
+        "config",
+        "YAML that does not parse",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "y.yaml", "lr: [0.1\n"))),
+        "not valid YAML",
+    ),
+    (
+        "config-bad-toml",
+        "config",
+        "TOML that does not parse",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "y.toml", "lr = = 1\n"))),
+        "not valid TOML",
+    ),
+    (
+        "config-not-mapping",
+        "config",
+        "a YAML list",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "l.yaml", "- 1\n- 2\n"))),
+        "expected a mapping",
+    ),
+    (
+        "config-missing",
+        "config",
+        "--config names nothing",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(e.tmp / "none.yaml")),
+        "no such file",
+    ),
+    (
+        "config-suffix",
+        "config",
+        "an .ini file",
+        lambda e: e.train_into_run("--data", str(e.official), "--config", str(_cfg(e, "c.ini", "[x]\n"))),
+        "use a .yaml, .yml or .toml file",
+    ),
+    (
+        "value-out-of-range",
+        "config",
+        "--val-split 1.5",
+        lambda e: e.train_into_run("--data", str(e.official), "--val-split", "1.5"),
+        "val_split must be in [0, 1)",
+    ),
+    (
+        "negative-lr",
+        "config",
+        "--lr -1",
+        lambda e: e.train_into_run("--data", str(e.official), "--lr", "-1"),
+        "lr must be positive",
+    ),
+    (
+        "subset-too-large",
+        "config",
+        "--subset larger than the data",
+        lambda e: e.train_into_run("--data", str(e.official), "--subset", "100000"),
+        "--subset must be between",
+    ),
+    (
+        "model-arg-malformed",
+        "config",
+        "--model-arg without =",
+        lambda e: e.train_into_run("--data", str(e.official), "--model-arg", "dropout"),
+        "expected KEY=VALUE",
+    ),
+    (
+        "model-arg-unknown",
+        "config",
+        "an argument the model lacks",
+        lambda e: e.train_into_run("--data", str(e.official), "--model-arg", "width=3"),
+        "takes no argument width",
+    ),
+    (
+        "cuda-without-gpu",
+        "config",
+        "--device cuda on a CPU-only machine",
+        lambda e: e.train_into_run("--data", str(e.official), "--device", "cuda"),
+        "no CUDA GPU",
+    ),
+    (
+        "fp16-on-cpu",
+        "config",
+        "--precision fp16 on a CPU",
+        lambda e: e.train_into_run("--data", str(e.official), "--device", "cpu", "--precision", "fp16"),
+        "fp16 is for CUDA",
+    ),
+    (
+        "out-is-a-file",
+        "config",
+        "--out names a file",
+        lambda e: ["train", "--data", str(e.official), "--out", str(e.run / "metrics.csv")],
+        "exists and is not a folder",
+    ),
+    (
+        "out-not-empty",
+        "config",
+        "--out holds a run, no --overwrite",
+        lambda e: ["train", "--data", str(e.official), "--out", str(e.run)],
+        "folder is not empty",
+    ),
+    (
+        "ckpt-random-bytes",
+        "checkpoints",
+        "a file that is not a checkpoint",
+        lambda e: ["evaluate", str(ckpt_file(e, "r.pt", blob=os.urandom(300))), "--data", str(e.official)],
+        "not a cifar-cnn checkpoint",
+    ),
+    (
+        "ckpt-no-tag",
+        "checkpoints",
+        "a plain state dict",
+        lambda e: ["info", str(ckpt_file(e, "sd.pt", {"w": torch.zeros(2)}))],
+        "no 'cifar-cnn-checkpoint' format tag",
+    ),
+    (
+        "ckpt-truncated",
+        "checkpoints",
+        "best.pt cut in half",
+        lambda e: [
+            "evaluate",
+            str(ckpt_file(e, "half.pt", blob=truncated(e.run / "best.pt"))),
+            "--data",
+            str(e.official),
+        ],
+        "damaged",
+    ),
+    (
+        "ckpt-malicious",
+        "checkpoints",
+        "a plain pickle that would run code",
+        lambda e: ["info", str(ckpt_file(e, "evil.pkl", blob=pickle.dumps(Evil())))],
+        "not a cifar-cnn checkpoint",
+    ),
+    (
+        "ckpt-code-gadget",
+        "checkpoints",
+        "a torch zip checkpoint whose pickle would run code",
+        lambda e: ["info", str(ckpt_file(e, "evil.pt", {"format": "cifar-cnn-checkpoint", "x": Evil()}))],
+        "refers to posix.system",
+    ),
+    (
+        "ckpt-missing",
+        "checkpoints",
+        "no such checkpoint",
+        lambda e: ["info", str(e.tmp / "none.pt")],
+        "no such checkpoint",
+    ),
+    (
+        "ckpt-other-classes",
+        "checkpoints",
+        "evaluate on data with other classes",
+        lambda e: ["evaluate", str(e.run / "best.pt"), "--data", str(other_classes_data(e))],
+        "trained on classes",
+    ),
+    (
+        "ckpt-other-model",
+        "checkpoints",
+        "weights of another shape",
+        lambda e: ["evaluate", str(_mismatched_ckpt(e)), "--data", str(e.official)],
+        "do not fit model",
+    ),
+    (
+        "resume-other-data",
+        "checkpoints",
+        "--resume on data with other classes",
+        lambda e: ["train", "--resume", str(e.run / "last.pt"), "--data", str(other_classes_data(e))],
+        "differ from the data",
+    ),
+    (
+        "resume-with-recipe",
+        "checkpoints",
+        "--resume together with --recipe",
+        lambda e: ["train", "--resume", str(e.run / "last.pt"), "--recipe", "seed"],
+        "drop --config and --recipe",
+    ),
+    ("usage-bad-choice", "usage", "an unknown --model", lambda e: ["train", "--model", "nope"], "invalid choice"),
+    ("usage-bad-number", "usage", "--epochs two", lambda e: ["train", "--epochs", "two"], "invalid int value"),
+]
+
+
+def _zip_of(e: Env, files: dict[str, bytes]) -> Path:
+    path = e.tmp / "z.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, blob in files.items():
+            zf.writestr(rel, blob)
+    return path
+
+
+def _without(e: Env, name: str) -> Path:
+    folder = e.tmp / "without"
+    folder.mkdir()
+    for f in e.official.iterdir():
+        if f.name != name:
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _with_empty_class(e: Env) -> Path:
+    root = e.tree(good_tree_files(classes=("a",)), "ec")
+    (root / "train" / "b").mkdir()
+    return root
+
+
+def _half_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def _cfg(e: Env, name: str, text: str) -> Path:
+    (e.tmp / name).write_text(text)
+    return e.tmp / name
+
+
+def _mismatched_ckpt(e: Env) -> Path:
+    ckpt = torch.load(e.run / "best.pt", weights_only=True)
+    ckpt["model_state"]["fc1.weight"] = torch.zeros(7, 7)
+    path = e.tmp / "mismatch.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("bad_input_run")
+    x, y = make_images(20, seed=1)
+    official = write_official_batches(tmp / "official", x, y, x[:50], y[:50])
+    cfg = resolve_config("seed", None, {"epochs": 1, "batch_size": 50, "device": "cpu", "precision": "fp32"})
+    train(cfg, str(official), tmp / "run", home=tmp / "home", log=lambda m: None, threads=1)
+    return official, tmp / "run"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_catalogue_is_large_and_unique() -> None:
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, finished_run, capsys: pytest.CaptureFixture) -> None:
+    official, run_dir = finished_run
+    marker = Path("/tmp/cifar_cnn_bad_input_pwned")
+    marker.unlink(missing_ok=True)
+    env = Env(tmp_path, official, run_dir)
+    argv = case[3](env)
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as exc:  # argparse exits; our commands return
+        raise SystemExit(main(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert case[4] in lines[0], (case[4], lines[0])
+    assert snapshot(run_dir) == before, "an earlier run's files changed"
+    assert not marker.exists(), "pickled code ran"
+
+
+def catalogue_markdown() -> str:
+    """The table of docs/bad-input.md, generated from CASES so the two never drift apart."""
+    rows = ["| # | area | case | what the user sees (exit code 2) |", "|---|---|---|---|"]
+    for i, (cid, area, what, _, fragment) in enumerate(CASES, 1):
+        rows.append(f"| {i} | {area} | `{cid}`: {what} | `...{fragment}...` |")
+    return "\n".join(rows)
+
+
+def test_docs_table_is_current() -> None:
+    doc = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+    assert catalogue_markdown() in doc.read_text(), "regenerate docs/bad-input.md: python -m tests.test_bad_input"
+
+
+if __name__ == "__main__":
+    print(catalogue_markdown())

@@ -1,0 +1,247 @@
+"""Faults never cost a user their work: Ctrl-C and SIGTERM, kill -9 at random moments, a full or read-only disk,
+divergence. Every check runs the real command in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_cnn.checkpoint import load_checkpoint
+
+from .conftest import ROOT
+
+TRAIN = [
+    "--epochs",
+    "4",
+    "--batch-size",
+    "16",
+    "--precision",
+    "fp32",
+    "--threads",
+    "1",
+    "--momentum",
+    "0.9",
+    "--flip",
+    "--translate",
+    "2",
+    "--eval-batch-size",
+    "200",
+]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cifar_cnn", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), capture_output=True, text=True, env=env(), timeout=600)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model_state"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def metrics_epochs(run_dir: Path) -> list[int]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def assert_run_files_whole(run_dir: Path) -> None:
+    """Every file that exists loads, and metrics.csv has each epoch once, in order."""
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).exists():
+            load_checkpoint(run_dir / name)
+    if (run_dir / "metrics.csv").exists():
+        epochs = metrics_epochs(run_dir)
+        assert epochs == list(range(1, len(epochs) + 1))
+
+
+@pytest.fixture
+def reference(tmp_path: Path, official_dir: Path) -> Path:
+    out = tmp_path / "reference"
+    proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_resumable_checkpoint(tmp_path: Path, official_dir: Path, reference: Path, sig: int) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    wait_for(out / "last.pt", proc)  # epoch 1 done: now inside epoch 2
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "resume with: cifar-cnn train --resume" in stdout
+    assert "Traceback" not in stderr
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] < 4
+    assert not (out / "test_metrics.json").exists()
+    assert_run_files_whole(out)
+    proc = run("train", "--data", str(official_dir), "--resume", str(out / "last.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert_same_weights(out / "last.pt", reference / "last.pt")
+    assert metrics_epochs(out) == [1, 2, 3, 4]
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path: Path, official_dir: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli("train", "--data", str(official_dir), "--out", str(out), *TRAIN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    wait_for(out / "config.yaml", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert_run_files_whole(out)
+
+
+def kill_and_resume(official_dir: Path, out: Path, kills: int, seed: int) -> int:
+    """Start training, kill -9 it at a random moment, resume (or restart if no last.pt yet); repeat `kills` times,
+    then let it finish. Returns the number of kills that landed while it was running."""
+    rng = random.Random(seed)
+    landed = 0
+    for attempt in range(kills + 1):
+        if (out / "last.pt").exists():
+            args = ["train", "--data", str(official_dir), "--resume", str(out / "last.pt")]
+        else:
+            args = ["train", "--data", str(official_dir), "--out", str(out), "--overwrite", *TRAIN]
+        proc = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+        if attempt < kills:
+            # torch's import takes a few seconds; training the 4 epochs about as long again
+            time.sleep(rng.uniform(1.0, 8.0))
+            if proc.poll() is None:
+                proc.kill()
+                landed += 1
+            proc.wait()
+            assert_run_files_whole(out)
+            continue
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+    return landed
+
+
+def test_kill_9_a_few_times(tmp_path: Path, official_dir: Path, reference: Path) -> None:
+    out = tmp_path / "run"
+    kill_and_resume(official_dir, out, kills=3, seed=0)
+    assert_same_weights(out / "last.pt", reference / "last.pt")
+    assert_same_weights(out / "best.pt", reference / "best.pt")
+    assert metrics_epochs(out) == [1, 2, 3, 4]
+    ours, theirs = (json.loads((d / "test_metrics.json").read_text()) for d in (out, reference))
+    assert ours.pop("checkpoint") != theirs.pop("checkpoint") and ours == theirs
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_times(tmp_path: Path, official_dir: Path, reference: Path) -> None:
+    out = tmp_path / "run"
+    landed = kill_and_resume(official_dir, out, kills=24, seed=1)
+    assert landed >= 20
+    assert_same_weights(out / "last.pt", reference / "last.pt")
+    assert metrics_epochs(out) == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real tmpfs of a given size (tests run as root; file permissions would not stop root)."""
+    mounts = []
+
+    def make(size_bytes: int) -> Path:
+        mnt = tmp_path / f"disk{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mnt)], check=True)
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path: Path, official_dir: Path, reference: Path, small_disk) -> None:
+    size = (reference / "best.pt").stat().st_size
+    disk = small_disk(int(size * 2.6))  # room for best.pt and last.pt of epoch 1, not for a third file
+    out = disk / "run"
+    proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "No space left on device" in line[0] and "Traceback" not in proc.stderr
+    assert_run_files_whole(out)
+    assert load_checkpoint(out / "last.pt")["epoch"] >= 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written temporary file left
+
+
+def test_read_only_output(tmp_path: Path, official_dir: Path, small_disk) -> None:
+    disk = small_disk(64 * 1024 * 1024)
+    out = disk / "run"
+    proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    proc = run("train", "--data", str(official_dir), "--resume", str(out / "last.pt"), "--epochs", "2")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Read-only file system" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_divergence_stops_with_advice(tmp_path: Path, official_dir: Path) -> None:
+    out = tmp_path / "run"
+    # epoch 1 trains normally; the step schedule then multiplies the LR by a million
+    proc = run(
+        "train",
+        "--data",
+        str(official_dir),
+        "--out",
+        str(out),
+        *TRAIN,
+        "--schedule",
+        "step",
+        "--step-epochs",
+        "1",
+        "--step-gamma",
+        "1e6",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "diverged" in proc.stderr and "lower the learning rate" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in best["model_state"].values())

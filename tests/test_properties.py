@@ -1,0 +1,144 @@
+"""Property tests (hypothesis) for the data readers, image preprocessing, augmentation and splits: for any input
+they either give a well-formed result or a CifarCnnError, never another exception."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cifar_cnn.data.images import decode_image
+from cifar_cnn.data.pipeline import derived_generator, random_cutout, random_flip, random_translate
+from cifar_cnn.data.sources import read_official_batch
+from cifar_cnn.data.split import stratified_split
+from cifar_cnn.errors import CifarCnnError
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.binary(max_size=400))
+def test_batch_reader_any_bytes(blob: bytes) -> None:
+    try:
+        images, labels = read_official_batch(blob, "x")
+    except CifarCnnError:
+        return
+    assert images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32) and len(labels) == len(images)
+
+
+arrays = st.sampled_from([np.uint8, np.int16, np.float32]).flatmap(
+    lambda dt: st.tuples(st.just(dt), st.integers(0, 4), st.sampled_from([3072, 1024, 3071]))
+)
+
+
+@FAST
+@given(arrays, st.lists(st.integers(-3, 12), max_size=5), st.booleans(), st.sampled_from([2, 4]))
+def test_batch_reader_structured(spec, labels, bytes_keys: bool, protocol: int) -> None:
+    dtype, n, width = spec
+    data = np.arange(n * width, dtype=np.int64).astype(dtype).reshape(n, width)
+    d = {"data": data, "labels": labels}
+    if bytes_keys:
+        d = {k.encode(): v for k, v in d.items()}
+    blob = pickle.dumps(d, protocol=protocol)
+    valid = dtype == np.uint8 and width == 3072 and len(labels) == n
+    if not valid:
+        with pytest.raises(CifarCnnError):
+            read_official_batch(blob, "x")
+        return
+    images, out_labels = read_official_batch(blob, "x")
+    assert np.array_equal(images.reshape(n, 3072), data) and out_labels.tolist() == labels
+
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
+FORMATS = {
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I"},
+    "JPEG": {"L", "RGB", "CMYK"},
+    "BMP": {"1", "L", "P", "RGB"},
+    "GIF": {"L", "P"},
+    "TIFF": set(MODES),
+    "WEBP": {"RGB", "RGBA"},
+}
+
+
+@st.composite
+def encoded_images(draw):
+    fmt = draw(st.sampled_from(sorted(FORMATS)))
+    mode = draw(st.sampled_from(sorted(FORMATS[fmt])))
+    w, h = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    im = (
+        rgb.convert(mode)
+        if mode not in ("I;16", "I", "F")
+        else Image.fromarray(
+            rng.integers(0, 65535, (h, w)).astype(
+                np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32
+            )
+        )
+    )
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue(), (w, h), mode, fmt, rgb
+
+
+@FAST
+@given(encoded_images(), st.sampled_from([16, 32, 40]))
+def test_decode_any_mode_format_size(sample, size: int) -> None:
+    blob, (w, h), mode, fmt, rgb = sample
+    out = decode_image(blob, size, "img")
+    assert out.shape == (3, size, size) and out.dtype == np.uint8
+    if mode == "RGB" and fmt in ("PNG", "BMP", "TIFF") and (w, h) == (size, size):
+        assert np.array_equal(out, np.asarray(rgb).transpose(2, 0, 1))  # lossless and same size: exact
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_decode_any_bytes(blob: bytes) -> None:
+    try:
+        out = decode_image(blob, 32, "img")
+    except CifarCnnError as exc:
+        assert "img" in str(exc)
+        return
+    assert out.shape == (3, 32, 32)
+
+
+@FAST
+@given(st.integers(1, 6), st.integers(0, 4), st.integers(0, 12), st.integers(0, 10**6))
+def test_augmentations(n: int, pad: int, cut: int, seed: int) -> None:
+    x = torch.randn(n, 3, 12, 12)
+    g = derived_generator(seed)
+    flipped = random_flip(x, g)
+    assert all(torch.equal(f, a) or torch.equal(f, a.flip(2)) for f, a in zip(flipped, x))
+    if pad:
+        shifted = random_translate(x, pad, derived_generator(seed))
+        assert shifted.shape == x.shape
+        # every shifted image is a window of the reflect-padded original
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+        for s, p in zip(shifted, padded):
+            windows = p.unfold(1, 12, 1).unfold(2, 12, 1).permute(1, 2, 0, 3, 4)
+            assert any(torch.equal(s, windows[i, j]) for i in range(2 * pad + 1) for j in range(2 * pad + 1))
+    if cut:
+        out = random_cutout(x + 10, cut, derived_generator(seed))  # +10: no pixel is 0 before the cut
+        zeros = (out == 0).all(1).sum((1, 2))
+        assert ((zeros > 0) & (zeros <= cut * cut)).all()
+    again = random_flip(x, derived_generator(seed))
+    assert torch.equal(again, random_flip(x, derived_generator(seed)))  # reproducible from the seed
+
+
+@FAST
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=200), st.floats(0, 0.9), st.integers(0, 100))
+def test_split_properties(labels: list[int], fraction: float, seed: int) -> None:
+    y = np.array(labels)
+    train, val = stratified_split(y, fraction, seed)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(y)
+    for c in np.unique(y):
+        n = (y == c).sum()
+        expected = int(round(fraction * n)) or (1 if fraction > 0 and n > 1 else 0)
+        assert (y[val] == c).sum() == expected
