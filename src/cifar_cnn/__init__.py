@@ -5,14 +5,47 @@ The public API that the command line uses and a notebook can call too:
     from cifar_cnn import train, evaluate_checkpoint, load_checkpoint, create_model, list_models, resolve_config
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from .config import TrainConfig, resolve_config  # noqa: E402
-from .engine import evaluate_checkpoint, train  # noqa: E402
-from .errors import CifarCnnError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .models import create_model, list_models, register_model  # noqa: E402
+# The names below are imported on first use (PEP 562), so that `import cifar_cnn` and torch-free parts such as
+# `cifar-cnn predict --onnx` work where torch is not installed.
+_LAZY = {
+    "load_checkpoint": "checkpoint",
+    "model_from_checkpoint": "checkpoint",
+    "TrainConfig": "config",
+    "resolve_config": "config",
+    "evaluate_checkpoint": "engine",
+    "train": "engine",
+    "CifarCnnError": "errors",
+    "evaluate": "evaluate",
+    "create_model": "models",
+    "list_models": "models",
+    "register_model": "models",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .config import TrainConfig, resolve_config
+    from .engine import evaluate_checkpoint, train
+    from .errors import CifarCnnError
+    from .evaluate import evaluate
+    from .models import create_model, list_models, register_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CifarCnnError",

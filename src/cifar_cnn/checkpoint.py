@@ -16,11 +16,8 @@ A checkpoint is a dict of plain types and tensors:
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
 from .errors import CifarCnnError
 
 FORMAT = "cifar-cnn-checkpoint"
@@ -39,44 +37,6 @@ def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     inner = getattr(model, "_orig_mod", model)
     inner = getattr(inner, "module", inner)
     return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write a file through a temporary file in the same folder, fsync it, then rename it over `path`.
-
-    `write(f)` writes the content to the open binary file `f`. A crash or full disk at any moment leaves either the
-    old complete file or the new complete one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -505,6 +505,179 @@ def _build_small(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# predict, export, serve (issue 5)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .errors import PartialFailure
+    from .predict_core import format_report, write_csv
+
+    if args.onnx:  # torch-free path: onnxruntime, numpy and Pillow only
+        if args.tta not in (None, "none"):
+            raise CifarCnnError("--tta: exported ONNX models run without test-time augmentation; drop --tta")
+        from .onnx_predict import OnnxPredictor
+
+        predictor = OnnxPredictor(args.onnx, batch_size=args.batch_size, threads=args.threads)
+        paths = args.inputs
+    else:
+        if len(args.inputs) < 2:
+            raise CifarCnnError("give a checkpoint and at least one image file or folder: predict CHECKPOINT PATH...")
+        from .predict import Predictor
+
+        predictor = Predictor.from_checkpoint(
+            args.inputs[0], tta=args.tta, device=args.device, batch_size=args.batch_size, threads=args.threads
+        )
+        paths = args.inputs[1:]
+    report = predictor.predict_files(paths, top_k=args.top_k)
+    if args.csv:
+        write_csv(args.csv, report, min(args.top_k, len(predictor.classes)))
+    if args.json:
+        _emit_json(report.to_dict())
+    elif report.predictions:
+        print(format_report(report), flush=True)
+    for e in report.errors if not args.json else []:
+        print(f"cifar-cnn: {e['error']}", file=sys.stderr)
+    if report.errors:
+        total = len(report.predictions) + len(report.errors)
+        raise PartialFailure(
+            f"{len(report.errors)} of {total} inputs could not be predicted, {len(report.predictions)} were "
+            f"(first: {report.errors[0]['error']})"
+        )
+    return 0
+
+
+def _build_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="classify image files and folders",
+        formatter_class=_Formatter,
+        usage="cifar-cnn predict CHECKPOINT PATH... [options]\n       cifar-cnn predict --onnx FILE PATH... [options]",
+        description="Top-k labels with probabilities for image files and folders (searched recursively), with the "
+        "evaluation preprocessing (RGB, shorter side resized, centre crop). Unreadable files are listed as errors "
+        "while the rest are predicted (exit code 1). --onnx runs an exported model through onnxruntime, without torch.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="CHECKPOINT PATH", help="a .pt checkpoint (not with --onnx), then files/folders"
+    )
+    p.add_argument("--onnx", default=None, metavar="FILE", help="predict with an exported .onnx model instead")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="how many labels per image")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions and errors as CSV")
+    p.add_argument(
+        "--tta",
+        default=None,
+        choices=("none", "flip", "flip-translate"),
+        help="test-time augmentation (default: the checkpoint's)",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import PartialFailure
+    from .export import export_checkpoint
+
+    log = _logger(args.json)
+    report = export_checkpoint(
+        args.checkpoint,
+        args.format,
+        args.out,
+        data=args.data,
+        num_images=args.num_images,
+        tolerance=args.tolerance,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        _emit_json(report)
+    if not report["parity_ok"]:
+        raise PartialFailure(
+            f"{args.out} was written but differs from PyTorch beyond --tolerance {args.tolerance:g} "
+            f"(max abs logit difference {report['parity']['max_abs_logit_diff']:.2e}, "
+            f"top-1 agreement {100 * report['parity']['top1_agreement']:.2f}%)"
+        )
+    return 0
+
+
+def _build_export(sub: argparse._SubParsersAction) -> None:
+    from .export import DEFAULT_TOLERANCE, FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or TorchScript, checked against PyTorch",
+        formatter_class=_Formatter,
+        description="Writes FILE (dynamic batch size; input: normalized float32 images; output: logits) and FILE.json "
+        "(classes, normalization, input size, and the parity check against PyTorch on real test images). "
+        "Exported models run without test-time augmentation.",
+    )
+    p.add_argument("checkpoint", help="a .pt file written by train")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs the [export] extra) or torchscript")
+    p.add_argument("--out", required=True, metavar="FILE", help="the exported model file")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="test images for the parity check (default: the checkpoint's training data, from run.json beside it)",
+    )
+    p.add_argument("--num-images", type=int, default=1000, help="test images compared")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest allowed abs logit difference")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.app import serve
+    except ImportError as exc:
+        raise CifarCnnError(f"serve needs the [serve] extra (fastapi, uvicorn, python-multipart): {exc}") from None
+    from .predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta, device=args.device, threads=args.threads)
+    serve(
+        predictor,
+        host=args.host,
+        port=args.port,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _build_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP with a web page",
+        formatter_class=_Formatter,
+        description="POST /predict (multipart image upload, ?top_k=K), GET /health, GET /metrics, GET / (a web page "
+        "to pick or drop an image), /docs (OpenAPI). Concurrent requests are batched into one forward pass.",
+    )
+    p.add_argument("checkpoint", help="a .pt file written by train")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--tta", default=None, choices=("none", "flip", "flip-translate"), help="default: the checkpoint's")
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _common(p, json_flag=False)
+    p.set_defaults(func=cmd_serve)
+
+
+def _torch_free_parser(argv: Sequence[str]) -> argparse.ArgumentParser | None:
+    """For `predict --onnx`, a parser with only the predict command: the full parser imports the model registry and
+    with it torch, which the ONNX path must run without."""
+    if not argv or argv[0] != "predict" or not any(a == "--onnx" or a.startswith("--onnx=") for a in argv):
+        return None
+    parser = argparse.ArgumentParser(prog="cifar-cnn", formatter_class=_Formatter)
+    _build_predict(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifar-cnn",
@@ -518,11 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     _build_report(sub)
     _build_show_data(sub)
     _build_small(sub)
+    _build_predict(sub)
+    _build_export(sub)
+    _build_serve(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _torch_free_parser(argv) or build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,199 @@
+"""What every predictor shares, without torch: finding image files, decoding them in batches, softmax and top-k,
+and the result rows that `predict --json` and `--csv` write.
+
+`cifar_cnn.predict.Predictor` (PyTorch) and `cifar_cnn.onnx_predict.OnnxPredictor` (onnxruntime) differ only in
+how they turn a batch of uint8 images into logits; everything else lives here, so both give the same answers in
+the same form.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .data.images import decode_image, image_extensions
+from .errors import CifarCnnError
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (numerically stable: the row maximum is subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k_rows(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """One dict per image: the top label, its probability, and the `k` most probable labels (best first)."""
+    if k < 1:
+        raise CifarCnnError(f"--top-k must be at least 1, got {k}")
+    k = min(k, len(classes))
+    probs = softmax(logits)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    rows = []
+    for p, idx in zip(probs, order):
+        top = [{"label": classes[i], "probability": float(p[i])} for i in idx]
+        rows.append({"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
+    return rows
+
+
+def normalize_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> float32 normalized the way `evaluate.predict_logits` does it, in the same float32 steps."""
+    m = (np.asarray(mean, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
+    s = (np.asarray(std, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
+    return (images.astype(np.float32) - m) / s
+
+
+def as_batch(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Check and stack preprocessed images into one uint8 (N, 3, size, size) array; a single (3, H, W) is allowed."""
+    arr = np.stack([np.asarray(a) for a in images]) if isinstance(images, (list, tuple)) else np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != (3, size, size) or arr.dtype != np.uint8:
+        raise CifarCnnError(
+            f"expected uint8 images of shape (N, 3, {size}, {size}), got {arr.dtype} {tuple(arr.shape)}; "
+            "decode files with cifar_cnn.data.images.decode_image(data, size) or use predict_files()"
+        )
+    return np.ascontiguousarray(arr)
+
+
+def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files to predict: each named file as given, each folder searched recursively for files with an image
+    extension Pillow knows (sorted). Returns (files, errors) where errors lists paths that do not exist."""
+    exts = image_extensions()
+    files: list[Path] = []
+    errors: list[dict[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            if not found:
+                errors.append({"path": str(p), "error": f"{p}: folder holds no image files"})
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append({"path": str(p), "error": f"{p}: no such file or folder"})
+    return files, errors
+
+
+def _chunks(items: Sequence[Path], n: int) -> Iterator[Sequence[Path]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+@dataclass
+class PredictionReport:
+    """Predictions for the files that could be read, and one error per file (or path) that could not."""
+
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"predictions": self.predictions, "errors": self.errors}
+
+
+class BasePredictor:
+    """Preprocessing, batching and top-k around a `logits(uint8 batch) -> float32 (N, classes)` function.
+
+    Subclasses set `classes`, `mean`, `std`, `input_size` and implement `logits`.
+    """
+
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def logits(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """Float32 logits (N, classes) for uint8 images (N, 3, input_size, input_size)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What /health and `--json` callers want to know about the model."""
+        return {
+            "model": getattr(self, "name", "model"),
+            "classes": list(self.classes),
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "tta": getattr(self, "tta", "none"),
+            "backend": getattr(self, "backend", "unknown"),
+        }
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], top_k: int = 5) -> list[dict[str, Any]]:
+        """Top-k labels and probabilities for preprocessed uint8 images (see `decode`), in batches."""
+        batch = as_batch(images, self.input_size)
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(batch), self.batch_size):
+            out.extend(top_k_rows(self.logits(batch[i : i + self.batch_size]), self.classes, top_k))
+        return out
+
+    def decode(self, data: bytes, name: str = "image") -> np.ndarray:
+        """Encoded image bytes -> the (3, S, S) uint8 array the model takes (the evaluation preprocessing)."""
+        return decode_image(data, self.input_size, name)
+
+    def predict_bytes(self, data: bytes, name: str = "image", top_k: int = 5) -> dict[str, Any]:
+        """Top-k for one encoded image (PNG, JPEG, ...); CifarCnnError if it cannot be decoded."""
+        return self.predict(self.decode(data, name)[None], top_k)[0]
+
+    def predict_files(self, paths: Iterable[str | Path], top_k: int = 5) -> PredictionReport:
+        """Predict files and folders (recursively); unreadable files become errors while the rest are predicted."""
+        if top_k < 1:
+            raise CifarCnnError(f"--top-k must be at least 1, got {top_k}")
+        files, errors = find_images(paths)
+        report = PredictionReport(errors=errors)
+        for chunk in _chunks(files, self.batch_size):
+            decoded, names = [], []
+            for f in chunk:
+                try:
+                    decoded.append(self.decode(f.read_bytes(), str(f)))
+                    names.append(str(f))
+                except CifarCnnError as exc:
+                    report.errors.append({"path": str(f), "error": str(exc)})
+                except OSError as exc:
+                    report.errors.append({"path": str(f), "error": f"{f}: cannot read ({exc.strerror or exc})"})
+            if decoded:
+                for name, row in zip(names, self.predict(np.stack(decoded), top_k)):
+                    report.predictions.append({"path": name, **row})
+        return report
+
+
+def format_report(report: PredictionReport) -> str:
+    """Human-readable lines: one per prediction, `path  label  97.1%  (runner-ups)`."""
+    lines = []
+    for p in report.predictions:
+        rest = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in p["top_k"][1:])
+        lines.append(f"{p['path']}\t{p['label']}\t{100 * p['probability']:.1f}%" + (f"\t({rest})" if rest else ""))
+    return "\n".join(lines)
+
+
+def write_csv(path: str | Path, report: PredictionReport, top_k: int) -> None:
+    """CSV with one row per file: path, label, probability, top1_label, top1_probability, ..., error (atomic)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["path", "label", "probability"]
+    for i in range(1, top_k + 1):
+        header += [f"top{i}_label", f"top{i}_probability"]
+    writer.writerow([*header, "error"])
+    for p in report.predictions:
+        cells: list[Any] = [p["path"], p["label"], f"{p['probability']:.6f}"]
+        for i in range(top_k):
+            t = p["top_k"][i] if i < len(p["top_k"]) else None
+            cells += [t["label"], f"{t['probability']:.6f}"] if t else ["", ""]
+        writer.writerow([*cells, ""])
+    for e in report.errors:
+        writer.writerow([e["path"], "", "", *([""] * 2 * top_k), e["error"]])
+    try:
+        atomic_write_text(Path(path), buf.getvalue())
+    except OSError as exc:
+        raise CifarCnnError(f"--csv {path}: cannot write ({exc.strerror or exc})") from None

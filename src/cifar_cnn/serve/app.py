@@ -1,0 +1,270 @@
+"""FastAPI app around a predictor: POST /predict, GET /health, GET /metrics, GET / (the web page), /docs.
+
+Requests that arrive together are answered by one forward pass: `MicroBatcher` collects decoded images for up to
+`max_wait_ms` after the first one (or until `max_batch` are waiting) and runs the model once on all of them, in a
+single worker thread so that forward passes never compete for the CPU. While a pass runs, new requests queue up and
+form the next batch, so under load batches grow by themselves. /metrics counts the batch sizes used.
+
+Uploads are checked before the model sees them: a body larger than the limit is refused from its Content-Length
+(or as it streams in), an empty file gets 400, a file Pillow cannot read or a decompression bomb gets 422, each with
+a message in {"detail": ...}. Nothing a client uploads causes a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import CifarCnnError
+from ..predict_core import BasePredictor, top_k_rows
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024  # 10 MiB: a large photograph; CIFAR images are ~1 KB
+MULTIPART_OVERHEAD = 64 * 1024  # room for the multipart boundaries, headers and the top_k field
+
+
+@dataclass
+class _Job:
+    image: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Collects single images from concurrent requests into batches for one `logits_fn` call each."""
+
+    def __init__(self, logits_fn: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, max_wait_ms: float = 5.0):
+        if max_batch < 1:
+            raise CifarCnnError(f"--max-batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise CifarCnnError(f"--max-wait-ms must not be negative, got {max_wait_ms}")
+        self.logits_fn = logits_fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.batch_sizes: Counter[int] = Counter()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, image: np.ndarray) -> np.ndarray:
+        """Logits (classes,) for one preprocessed uint8 image (3, S, S), computed in a batch with its neighbours."""
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(image, future))
+        return await future
+
+    async def _collect(self) -> list[_Job]:
+        assert self._queue is not None
+        jobs = [await self._queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(jobs) < self.max_batch:
+            try:
+                jobs.append(self._queue.get_nowait())  # already waiting: take it without a timer
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            live = [j for j in jobs if not j.future.done()]  # a client that went away cancelled its future
+            if not live:
+                continue
+            batch = np.stack([j.image for j in live])
+            try:
+                logits = await loop.run_in_executor(self._executor, self.logits_fn, batch)
+            except Exception as exc:  # a model failure answers every request of the batch, the loop goes on
+                for j in live:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            self.batch_sizes[len(live)] += 1
+            for j, row in zip(live, logits):
+                if not j.future.done():
+                    j.future.set_result(row)
+
+
+class BodyLimit:
+    """ASGI middleware that refuses request bodies over `limit` bytes with 413, from Content-Length when given,
+    else while the body streams in, so an oversized upload is never read into memory whole."""
+
+    def __init__(self, app: ASGIApp, limit: int, on_reject: Callable[[], None] = lambda: None) -> None:
+        self.app = app
+        self.limit = limit
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            self.on_reject()
+            response = JSONResponse({"detail": self.message()}, status_code=413)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    self.on_reject()
+                    raise HTTPException(status_code=413, detail=self.message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def message(self) -> str:
+        return f"upload too large: the limit is {self.limit - MULTIPART_OVERHEAD:,} bytes per image"
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics."""
+
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    predictions: int = 0
+    rejected: Counter[int] = field(default_factory=Counter)
+
+
+def create_app(
+    predictor: BasePredictor,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+) -> FastAPI:
+    """The FastAPI app serving `predictor` (a `Predictor` or `OnnxPredictor`)."""
+    if max_upload_bytes < 1:
+        raise CifarCnnError(f"--max-upload-mb must be positive, got {max_upload_bytes} bytes")
+    batcher = MicroBatcher(predictor.logits, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    stats = Stats()
+    info = predictor.describe()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(
+        title="cifar-cnn",
+        summary=f"Image classification with {info.get('model', 'a CNN')} ({len(predictor.classes)} classes)",
+        description="Upload an image to POST /predict; the web page at / does the same from a browser.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD, on_reject=lambda: stats.rejected.update([413])
+    )
+
+    def reject(status: int, detail: str) -> HTTPException:
+        stats.rejected[status] += 1
+        return HTTPException(status_code=status, detail=detail)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health", summary="Liveness and what model is served")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", **info, "max_upload_bytes": max_upload_bytes}
+
+    @app.get("/metrics", summary="Request counts and the batch sizes the micro-batcher used")
+    async def metrics() -> dict[str, Any]:
+        sizes = batcher.batch_sizes
+        return {
+            "requests": stats.requests,
+            "predictions": stats.predictions,
+            "rejected": {str(k): v for k, v in sorted(stats.rejected.items())},
+            "batches": sum(sizes.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+            "max_batch_size_used": max(sizes, default=0),
+            "max_batch": batcher.max_batch,
+            "max_wait_ms": batcher.max_wait * 1000.0,
+            "uptime_s": round(time.time() - stats.started, 3),
+        }
+
+    @app.post("/predict", summary="Classify one uploaded image")
+    async def predict(
+        file: UploadFile = File(..., description="an image file: PNG, JPEG, WebP, BMP, GIF, TIFF, ..."),
+        top_k: int = Query(5, ge=1, description="how many labels to return, most probable first"),
+    ) -> dict[str, Any]:
+        stats.requests += 1
+        data = await file.read(max_upload_bytes + 1)
+        await file.close()
+        name = file.filename or "upload"
+        if not data:
+            raise reject(400, f"{name}: empty upload; send an image file in the 'file' form field")
+        if len(data) > max_upload_bytes:
+            raise reject(413, f"{name}: upload too large: the limit is {max_upload_bytes:,} bytes per image")
+        try:
+            image = await run_in_threadpool(predictor.decode, data, name)
+        except CifarCnnError as exc:
+            raise reject(422, str(exc)) from None
+        logits = await batcher.submit(image)
+        row = top_k_rows(logits[None], predictor.classes, top_k)[0]
+        stats.predictions += 1
+        return {"filename": name, **row}
+
+    return app
+
+
+def serve(
+    predictor: BasePredictor,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    log_level: str = "info",
+    log: Callable[[str], None] = print,
+) -> None:
+    """Run the app with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(predictor, max_upload_bytes=max_upload_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: --host {host} makes the server reachable from other machines; it has no authentication")
+    log(f"serving {getattr(predictor, 'name', 'model')} on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("debug", "trace"))
