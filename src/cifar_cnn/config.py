@@ -41,9 +41,18 @@ class TrainConfig:
     epochs: int = _f(10, "number of passes over the training images")
     batch_size: int = _f(20, "training images per optimizer step")
     eval_batch_size: int = _f(1000, "images per forward pass when evaluating")
-    optimizer: str = _f("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    optimizer: str = _f(
+        "sgd", "optimizer; muon = Muon for conv filters + Nesterov SGD (lr, momentum) for the rest",
+        ("sgd", "adam", "adamw", "muon"),
+    )
     lr: float = _f(0.01, "peak learning rate")
     momentum: float = _f(0.0, "SGD momentum (Adam: beta1)")
+    muon_lr: float = _f(0.24, "muon: learning rate of the conv filters (their norm is held fixed)")
+    muon_momentum: float = _f(0.6, "muon: momentum of the conv filters")
+    head_lr_factor: float = _f(1.0, "learning rate of the model's classifier head, as a multiple of lr")
+    early_params_epochs: float = _f(
+        3.0, "epochs over which the parameters a model marks as early (airbench: whitening bias) train, LR to 0"
+    )
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(0.0, "weight decay (L2 for SGD/Adam, decoupled for AdamW)")
     schedule: str = _f(
@@ -54,12 +63,16 @@ class TrainConfig:
     step_epochs: float = _f(30.0, "step schedule: multiply the LR by step_gamma every this many epochs")
     step_gamma: float = _f(0.1, "step schedule: the factor")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", ("mean", "sum"))
     val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
     subset: int = _f(0, "use only this many training images, stratified (0: all)")
     seed: int = _f(0, "seed of the split, the initial weights, shuffling, augmentation and dropout")
     mean: tuple | None = _f(None, "per-channel normalization mean of 0..1 pixels (default: the model's)")
     std: tuple | None = _f(None, "per-channel normalization std (default: the model's)")
     flip: bool = _f(False, "augmentation: random horizontal flips")
+    alternate_flip: bool = _f(
+        False, "augmentation: flip a fixed random half of the images, and all of them every other epoch"
+    )
     translate: int = _f(0, "augmentation: random shifts of up to this many pixels (reflect padding)")
     cutout: int = _f(0, "augmentation: side of a random square blanked out (0: off)")
     drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
@@ -205,6 +218,8 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.lr > 0, "lr must be positive"),
         (0 <= c.momentum < 1, "momentum must be in [0, 1)"),
         (c.weight_decay >= 0, "weight_decay must be >= 0"),
+        (c.muon_lr > 0 and 0 <= c.muon_momentum < 1, "muon_lr must be positive and muon_momentum in [0, 1)"),
+        (c.head_lr_factor > 0 and c.early_params_epochs >= 0, "head_lr_factor must be positive"),
         (0 <= c.val_split < 1, "val_split must be in [0, 1)"),
         (c.subset >= 0, "subset must be >= 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),

@@ -38,6 +38,7 @@ from .device import autocast, resolve_device, resolve_precision, set_threads
 from .errors import CifarCnnError
 from .evaluate import evaluate
 from .models import create_model, model_info
+from .optim import build_optimizer
 from .runinfo import now, provenance, write_run_json
 from .schedules import lr_multiplier
 
@@ -83,15 +84,13 @@ class RunPaths:
         return self.root / "run.json"
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-        )
-    beta1 = config.momentum if config.momentum > 0 else 0.9
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, betas=(beta1, 0.999), weight_decay=config.weight_decay)
+def optimizer_for(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> Any:
+    """The optimizer a config asks for (see optim.build_optimizer for the parameter groups)."""
+    return build_optimizer(
+        model, config.optimizer, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+        weight_decay=config.weight_decay, head_lr_factor=config.head_lr_factor, muon_lr=config.muon_lr,
+        muon_momentum=config.muon_momentum, early_steps=round(config.early_params_epochs * steps_per_epoch),
+    )
 
 
 def make_lr_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -131,6 +130,7 @@ def train_one_epoch(
     device: torch.device,
     precision: str = "fp32",
     label_smoothing: float = 0.0,
+    loss_reduction: str = "mean",
     channels_last: bool = False,
     start_step: int = 0,
     totals: EpochTotals | None = None,
@@ -149,13 +149,14 @@ def train_one_epoch(
         global_step = epoch * steps_per_epoch + step
         scale = lr_fn(global_step)
         for group, peak in zip(optimizer.param_groups, peak_lrs):
-            group["lr"] = peak * scale
+            decay = group.get("decay_steps")  # early parameters: their own linear decay to 0
+            group["lr"] = peak * (max(0.0, 1.0 - global_step / decay) if decay else scale)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction=loss_reduction)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -164,7 +165,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals.loss_sum += loss.item() * len(y)
+        totals.loss_sum += loss.item() * (len(y) if loss_reduction == "mean" else 1)
         totals.correct += int((logits.argmax(1) == y).sum().item())
         totals.seen += len(y)
         if on_step is not None and on_step(step, totals):
@@ -268,6 +269,22 @@ def train(
         raise CifarCnnError(f"{resume}: its classes {ckpt['classes']} differ from the data's {splits.classes}")
     num_classes = len(splits.classes)
 
+    # The training split lives in memory normalized once, in the compute precision (half the bytes with bf16).
+    store_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    train_x = normalize(splits.train_images, mean, std, store_dtype, device)
+    train_y = torch.from_numpy(splits.train_labels).to(device)
+    loader = TensorLoader(
+        train_x,
+        train_y,
+        config.batch_size,
+        shuffle=True,
+        drop_last=config.drop_last,
+        augment=Augment(config.flip, config.translate, config.cutout, config.alternate_flip),
+        seed=config.seed,
+    )
+    if len(loader) == 0:
+        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
+
     torch.manual_seed(config.seed)  # initial weights
     model = create_model(config.model, num_classes=num_classes, **config.model_args)
     if ckpt is not None:
@@ -277,28 +294,19 @@ def train(
             raise CifarCnnError(
                 f"{resume}: weights do not fit model {config.model!r} ({state_dict_mismatch(exc)})"
             ) from None
+    elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer, computed from training images
+        model.init_from_data(train_x[:5000].float().cpu())
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
+    optimizer = optimizer_for(model, config, len(loader))
     peak_lrs = [g["lr"] for g in optimizer.param_groups]
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer_state"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (ValueError, KeyError) as exc:
+            raise CifarCnnError(f"{resume}: optimizer state does not fit {config.optimizer!r} ({exc})") from None
     train_model = torch.compile(model) if config.compile else model
-
-    train_x = normalize(splits.train_images, mean, std, torch.float32, device)
-    train_y = torch.from_numpy(splits.train_labels).to(device)
-    loader = TensorLoader(
-        train_x,
-        train_y,
-        config.batch_size,
-        shuffle=True,
-        drop_last=config.drop_last,
-        augment=Augment(config.flip, config.translate, config.cutout),
-        seed=config.seed,
-    )
-    if len(loader) == 0:
-        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
     lr_fn = make_lr_fn(config, len(loader))
 
     history = _read_history(ckpt) if ckpt else []
@@ -393,6 +401,7 @@ def train(
             device=device,
             precision=precision,
             label_smoothing=config.label_smoothing,
+            loss_reduction=config.loss_reduction,
             channels_last=channels_last,
             start_step=start_step,
             totals=totals,

@@ -47,6 +47,65 @@ _add(
 )
 
 
+# The airbench-style recipes share one optimizer set-up (values found by a sweep on the JPEG copy, see
+# benchmarks/README.md). The loss is summed over the batch, so `lr` is per image; conv filters use Muon.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _airbench(batch_size: int, **values: Any) -> dict[str, Any]:
+    base = dict(
+        model="airbench",
+        batch_size=batch_size,
+        optimizer="muon",
+        lr=0.053,  # Nesterov SGD for BN shifts and the whitening bias
+        head_lr_factor=0.67 / 0.053,  # the head learns ~13x faster
+        momentum=0.85,
+        nesterov=True,
+        weight_decay=2e-6 * batch_size / 0.053,  # 2e-6 per image and step, at the base LR
+        muon_lr=0.24,
+        muon_momentum=0.6,
+        early_params_epochs=3.0,
+        label_smoothing=0.2,
+        loss_reduction="sum",
+        schedule="linear",
+        warmup_epochs=0.0,
+        final_lr_fraction=0.0,
+        val_split=0.0,  # trains on all 50,000 images: best.pt is the final weights (and says so)
+        drop_last=True,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        flip=False,
+        alternate_flip=True,
+        translate=2,
+        cutout=0,
+        tta="flip-translate",
+        eval_batch_size=2000,
+    )
+    base.update(values)
+    return base
+
+
+_add(
+    "quick",
+    "a few minutes on a CPU: small airbench net (widths 32-128-128, depth 3), 6 epochs, batch 1000; trains on all "
+    "50,000 images, best.pt = final weights; flip+translate TTA",
+    **_airbench(1000, model_args={"widths": [32, 128, 128], "depth": 3}, epochs=6),
+)
+_add(
+    "fast",
+    "about 91% in minutes on a CPU: airbench net (widths 64-256-256), 12 epochs, batch 2000; trains on all "
+    "50,000 images, best.pt = final weights; flip+translate TTA",
+    **_airbench(2000, model_args={"widths": [64, 256, 256], "depth": 2}, epochs=12),
+)
+_add(
+    "accurate",
+    "about 93% (hours on a CPU, a minute on a GPU): wide airbench net (widths 128-384-512, depth 3), 40 epochs, "
+    "batch 1000, translate 4, cutout 12; trains on all 50,000 images, best.pt = final weights; flip+translate TTA",
+    **_airbench(1000, model_args={"widths": [128, 384, 512], "depth": 3}, epochs=40, translate=4, cutout=12),
+)
+
+
 def recipe_values(name: str) -> dict[str, Any]:
     if name not in RECIPES:
         raise CifarCnnError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")

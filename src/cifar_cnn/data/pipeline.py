@@ -56,10 +56,11 @@ class Augment:
     flip: bool = False  # random horizontal flip with probability 1/2
     translate: int = 0  # random shift of up to this many pixels each way (reflect-padded crop)
     cutout: int = 0  # side of a random square set to 0 (the mean colour after normalization); 0 = off
+    alternate_flip: bool = False  # a fixed random half flipped, and every image flipped every other epoch (airbench)
 
     @property
     def active(self) -> bool:
-        return self.flip or self.translate > 0 or self.cutout > 0
+        return self.flip or self.translate > 0 or self.cutout > 0 or self.alternate_flip
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -131,12 +132,22 @@ class TensorLoader:
             return torch.arange(n)
         return torch.randperm(n, generator=derived_generator(self.seed, epoch, -1))
 
+    def _base_flip(self) -> torch.Tensor:
+        if getattr(self, "_flip_mask", None) is None:
+            g = derived_generator(self.seed, -2)
+            self._flip_mask = (torch.rand(len(self.labels), generator=g) < 0.5).to(self.images.device)
+        return self._flip_mask
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(step, images, labels) for steps start..len-1 of `epoch`."""
         order = self.order(epoch).to(self.images.device)
         for step in range(start, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             x, y = self.images[idx], self.labels[idx]
+            if self.augment.alternate_flip:
+                # each image is seen flipped in exactly half of the epochs, unflipped in the other half
+                flip = self._base_flip()[idx] ^ bool(epoch % 2)
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             if self.augment.active:
                 x = augment_batch(x, self.augment, derived_generator(self.seed, epoch, step, device=x.device))
             yield step, x, y
