@@ -60,3 +60,29 @@ def set_threads(threads: int | None) -> int:
             raise CifarCnnError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Keep glibc from returning big blocks to the kernel after every use (Linux only).
+
+    Convolution activations are megabytes each; by default glibc serves blocks that large with mmap and unmaps them
+    on free, so every training step page-faults its whole working set anew and much of the CPU time goes to the
+    kernel. Raising the mmap threshold to 1 GiB and never trimming the heap (the same as MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ in the environment) lets freed blocks be reused. Set CIFAR_CNN_NO_MALLOPT=1 to skip.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("CIFAR_CNN_NO_MALLOPT"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
+    # mallopt takes a C int: -1 means "never trim" (it becomes the largest unsigned value inside glibc)
+    ok_mmap = libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
+    ok_trim = libc.mallopt(m_trim_threshold, ctypes.c_int(-1))
+    return bool(ok_mmap and ok_trim)

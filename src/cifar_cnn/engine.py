@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import TrainConfig, apply, to_yaml, validate
 from .data import Splits, load_dataset, make_splits
 from .data.pipeline import Augment, TensorLoader, normalize
-from .device import autocast, resolve_device, resolve_precision, set_threads
+from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
 from .errors import CifarCnnError
 from .evaluate import evaluate
 from .models import create_model, model_info
@@ -250,6 +250,7 @@ def train(
     cifar_cnn.progress: a bar, TensorBoard) is told when each epoch starts, after each step and when each epoch ends.
     """
     started = time.perf_counter()
+    tune_allocator()
     ckpt = load_checkpoint(resume) if resume else None
     check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
     if threads is None and ckpt is not None and ckpt.get("threads"):
