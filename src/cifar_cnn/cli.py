@@ -678,6 +678,38 @@ def _torch_free_parser(argv: Sequence[str]) -> argparse.ArgumentParser | None:
     return parser
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    log = _logger(args.json)
+    result = run_bench(
+        Path(args.out), recipes=args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+        data=args.data, throughput_only=args.throughput_only, device=args.device, threads=args.threads, log=log,
+    )
+    if args.json:
+        _emit_json(result)
+    else:
+        log((Path(args.out) / "bench.md").read_text())
+    return 0
+
+
+def _build_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="throughput and time-to-accuracy of the recipes", formatter_class=_Formatter,
+        description="Train and inference img/s, achieved TFLOP/s and peak memory of each recipe's model; then, "
+        "unless --throughput-only, each recipe trained per seed with the seed recipe side by side. Writes "
+        "bench.json and bench.md into --out.",
+    )
+    _common(p)
+    p.add_argument("--data", default=None, metavar="SOURCE", help="data for the time-to-accuracy runs")
+    p.add_argument("--recipes", default="seed,quick,fast", help="comma-separated recipe names")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds for the time-to-accuracy runs")
+    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where bench.json and bench.md go")
+    p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifar-cnn",
@@ -691,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_report(sub)
     _build_show_data(sub)
     _build_small(sub)
+    _build_bench(sub)
     _build_predict(sub)
     _build_export(sub)
     _build_serve(sub)
