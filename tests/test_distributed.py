@@ -95,7 +95,8 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, official_dir: P
     first = _torchrun("train", *common, "--epochs", "1", "--out", str(ddp))
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("epoch 1/1") == 1  # only rank 0 logs
-    second = _torchrun("train", "--resume", str(ddp / "last.pt"), "--data", str(official_dir), "--epochs", "2", "--no-report")
+    resume = ["--resume", str(ddp / "last.pt"), "--data", str(official_dir), "--epochs", "2", "--no-report"]
+    second = _torchrun("train", *resume)
     assert second.returncode == 0, second.stderr[-3000:]
     one = run_cli("train", *common, "--epochs", "2", "--out", str(single))
     assert one.returncode == 0, one.stderr[-3000:]

@@ -25,6 +25,7 @@ How it divides the work (all of it decided here, so `engine.train` only asks "am
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable, Iterator
@@ -65,6 +66,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    owns_group: bool = False  # init_from_env created the process group, so finish() destroys it
 
     @property
     def active(self) -> bool:
@@ -136,6 +138,14 @@ class DistContext:
             return flag
         return self.all_sum([1.0 if flag else 0.0])[0] > 0
 
+    def finish(self) -> None:
+        """End of training: wait for every rank (rank 0 tests and writes last), then leave the group if it is ours.
+        Ranks that exit while another still uses the group can abort in gloo's teardown."""
+        if self.active:
+            tdist.barrier()
+            if self.owns_group:
+                shutdown()
+
     def agreed(self, should_stop: Callable[[], bool] | None) -> Callable[[], bool] | None:
         """A stop check that every rank answers alike (it is a collective: all ranks must call it together)."""
         if should_stop is None or not self.active:
@@ -179,7 +189,7 @@ def init_from_env(device: torch.device) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     tdist.init_process_group(backend, timeout=dt.timedelta(minutes=TIMEOUT_MINUTES))
     atexit.register(shutdown)
-    return context()
+    return dataclasses.replace(context(), owns_group=True)
 
 
 def shutdown() -> None:

@@ -506,6 +506,7 @@ def train(
 
     result: dict[str, Any] = {"run_dir": str(paths.root), "interrupted": interrupted, "history": history}
     if not dist.is_main:
+        dist.finish()
         return result
     if not interrupted and evaluate_test:
         if not paths.best.is_file():
@@ -532,6 +533,7 @@ def train(
         seconds=round(time.perf_counter() - started, 3),
     )
     write_run_json(paths.run_json, run)
+    dist.finish()
     return result
 
 
