@@ -90,7 +90,7 @@ class TrainConfig:
     normalize: str = _f(
         "auto",
         "normalization statistics: model = mean/std (or the model's), dataset = computed from the training images, "
-        "auto = mean/std if set, else dataset when the classes are not CIFAR-10's, else the model's",
+        "auto = dataset when the classes are not CIFAR-10's and mean/std are not set beyond the recipe's, else model",
         ("auto", "model", "dataset"),
     )
     init_from: str = _f("", "start from this cifar-cnn checkpoint's weights (transfer learning / fine-tuning)")

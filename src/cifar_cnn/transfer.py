@@ -174,13 +174,18 @@ def resolve_normalization(
 ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where they came from) for a run, following config.normalize (see its help)."""
     from .data import CIFAR10_CLASSES
+    from .recipes import RECIPES
 
     info = model_info(config.model)
-    explicit = config.mean is not None or config.std is not None
+    preset = RECIPES[config.recipe].values if config.recipe in RECIPES else {}
+    given = (config.mean, config.std)
+    # set in a config file or on the command line (a recipe's mean/std is its default for CIFAR-10, not a choice)
+    explicit = given != (None, None) and given != (preset.get("mean"), preset.get("std"))
     own_classes = tuple(classes) != tuple(CIFAR10_CLASSES)
     if config.normalize == "dataset" or (config.normalize == "auto" and not explicit and own_classes):
         if len(train_images) == 0:
             raise CifarCnnError("normalize dataset: no training images to compute the statistics from")
         mean, std = channel_stats(train_images)
         return mean, std, "dataset"
-    return tuple(config.mean or info.mean), tuple(config.std or info.std), "config" if explicit else "model"
+    source = "config" if given != (None, None) else "model"
+    return tuple(config.mean or info.mean), tuple(config.std or info.std), source
