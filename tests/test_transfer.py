@@ -148,7 +148,7 @@ def test_fine_tuning_beats_training_from_scratch_on_few_images(tmp_path: Path) -
         threads=1,
     )
     s, t = scratch["test_metrics"]["accuracy"], tuned["test_metrics"]["accuracy"]
-    assert t > s + 0.2, (s, t)  # measured: scratch 0.28, fine-tuned 0.79 (chance 0.25)
+    assert t > s + 0.2, (s, t)  # measured: scratch 0.35, fine-tuned 0.765 (chance 0.25)
     ckpt = load_checkpoint(tmp_path / "runs" / "tuned" / "best.pt")
     assert ckpt["classes"] == ["grid", "hd", "va", "xgrid"] and ckpt["config"]["init_from"] == source
     run = json.loads((tmp_path / "runs" / "tuned" / "run.json").read_text())
