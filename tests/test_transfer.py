@@ -13,9 +13,9 @@ import torch
 from cifar_cnn import create_model, load_checkpoint, resolve_config, train
 from cifar_cnn.data.convert import write_image_folder
 from cifar_cnn.data.sources import Dataset
-from cifar_cnn.engine import build_optimizer
+from cifar_cnn.engine import optimizer_for
 from cifar_cnn.errors import CifarCnnError
-from cifar_cnn.models import list_models, model_info
+from cifar_cnn.models import list_models
 from cifar_cnn.transfer import freeze_body, init_from_checkpoint, is_head
 
 from .conftest import run_cli
@@ -55,11 +55,10 @@ def stripe_folder(root: Path, kinds: list[tuple[int, ...]], names: list[str], tr
 
 def test_every_model_names_its_head() -> None:
     for name in list_models():
-        head = model_info(name).head
         model = create_model(name, num_classes=7)
         modules = dict(model.named_modules())
-        assert isinstance(modules[head], torch.nn.Linear) and modules[head].out_features == 7
-    assert model_info("seed_cnn").head == "fc2" and model_info("resnet18").head == "fc"
+        assert isinstance(modules[model.head_name], torch.nn.Linear) and modules[model.head_name].out_features == 7
+    assert create_model("seed_cnn").head_name == "fc2" and create_model("resnet18", width=8).head_name == "fc"
 
 
 def _checkpoint(path: Path, classes: list[str], model: torch.nn.Module, name: str = "seed_cnn") -> Path:
@@ -118,13 +117,14 @@ def test_freeze_and_learning_rate_groups() -> None:
     assert trainable == 8 * 8 * 4 + 4  # fc weight and bias only
     assert all(m.momentum == 0.0 for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     config = resolve_config(None, None, {"model": "resnet18", "lr": 0.1, "optimizer": "sgd"})
-    opt = build_optimizer(model, config)
-    assert [len(g["params"]) for g in opt.param_groups] == [2]
+    opt = optimizer_for(model, config, 10)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]  # frozen parameters are not optimized
     model = create_model("seed_cnn", num_classes=4)
-    opt = build_optimizer(model, resolve_config(None, None, {"lr": 0.1, "body_lr_factor": 0.1}))
-    assert [g["name"] for g in opt.param_groups] == ["body", "head"]
+    opt = optimizer_for(model, resolve_config(None, None, {"lr": 0.1, "momentum": 0.9}), 10)
+    assert len(opt.param_groups) == 1  # head and body at the same LR: one group, as before heads had names
+    opt = optimizer_for(model, resolve_config(None, None, {"lr": 0.01, "head_lr_factor": 10.0}), 10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
-    assert len(opt.param_groups[1]["params"]) == 2  # fc2.weight, fc2.bias
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(model.fc2.weight), id(model.fc2.bias)}
 
 
 def test_fine_tuning_beats_training_from_scratch_on_few_images(tmp_path: Path) -> None:
