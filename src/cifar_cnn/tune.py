@@ -32,6 +32,7 @@ Besides the config keys, the space knows `dropout` (model_args.dropout) and `aug
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -46,6 +47,7 @@ import yaml
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .config import FIELDS, TrainConfig, apply, field_choices, parse_config_file, to_yaml, validate
 from .errors import CifarCnnError
+from .models import model_info
 
 # Augmentation strengths the space can choose from (translate and cutout in pixels, meant for 32px images).
 AUGMENT_LEVELS: dict[str, dict[str, Any]] = {
@@ -329,6 +331,8 @@ def run_study(
             params = enqueue_params(values, settings["space"], base.optimizer)
             study.enqueue_trial(params, user_attrs={"enqueued": _plain(values)}, skip_if_exists=True)
     space = settings["space"]
+    if "dropout" in space and "dropout" not in inspect.signature(model_info(base.model).builder).parameters:
+        space = {k: v for k, v in space.items() if k != "dropout"}  # e.g. resnet18 has no dropout to search
     trials_dir = out / "trials"
 
     def objective(trial: Any) -> float:
