@@ -157,8 +157,11 @@ class StopOnSignal:
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import resolve_config, to_yaml
+    from .distributed import env_rank
     from .engine import resume_config, train
 
+    if env_rank() > 0:  # under torchrun only rank 0 reports (see cifar_cnn.distributed)
+        args.progress = args.tensorboard = args.report = args.json = False
     log = _logger(args.json)
     overrides = _overrides(args)
     if args.resume:
@@ -278,6 +281,66 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
     )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tune
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .tune import read_tune_settings, run_study
+
+    log = _logger(args.json)
+    base = resolve_config(args.recipe, args.config, _overrides(args))
+    settings = read_tune_settings(args.config)
+    if args.pruner:
+        settings["pruner"] = args.pruner
+    out = args.out or f"runs/tune-{args.study}"
+    summary = run_study(
+        base,
+        args.data,
+        out,
+        trials=args.trials,
+        settings=settings,
+        study_name=args.study,
+        storage=args.storage,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        _emit_json(summary)
+    return 0
+
+
+def _build_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="hyper-parameter search (Optuna) selecting on validation accuracy",
+        formatter_class=_Formatter,
+        description="Train --trials configs sampled from a search space (the config file's `tune:` section over a "
+        "default space of LR, weight decay, batch size, optimizer, dropout, augmentation and epochs), pruning weak "
+        "trials on validation accuracy per epoch. Writes OUT/study.db (unless --storage), OUT/trials/NNNN/, "
+        "OUT/best.yaml (for train --config), OUT/trials.csv, OUT/search.png and OUT/tune.json. Running it again "
+        "continues the study. Needs the [tune] extra.",
+    )
+    _common(p, data=True)
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to run now")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: runs/tune-<study>)")
+    p.add_argument("--config", default=None, metavar="FILE", help="base config and its `tune:` section")
+    from .recipes import RECIPES
+
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="base preset (default: seed)")
+    p.add_argument("--study", default="cifar-cnn", help="study name in the storage")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage URL shared by all workers, e.g. postgresql://user@host/db (default: sqlite in OUT)",
+    )
+    p.add_argument("--pruner", default=None, choices=("median", "none"), help="override the tune section's pruner")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_tune)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -719,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cifar-cnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _build_train(sub)
+    _build_tune(sub)
     _build_evaluate(sub)
     _build_report(sub)
     _build_show_data(sub)

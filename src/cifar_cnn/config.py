@@ -85,6 +85,17 @@ class TrainConfig:
     channels_last: bool = _f(True, "channels-last memory layout for convolutions (faster with bf16)")
     compile: bool = _f(False, "torch.compile the model (costs 20-30 s of compilation on a CPU)")
     tta: str = _f("none", "test-time augmentation used when evaluating", ("none", "flip", "flip-translate"))
+    # own data and transfer learning (see cifar_cnn.transfer)
+    image_size: int = _f(0, "side images are resized to (0: the model's input size; seed_cnn takes only 32)")
+    normalize: str = _f(
+        "auto",
+        "normalization statistics: model = mean/std (or the model's), dataset = computed from the training images, "
+        "auto = dataset when the classes are not CIFAR-10's and mean/std are not set beyond the recipe's, else model",
+        ("auto", "model", "dataset"),
+    )
+    init_from: str = _f("", "start from this cifar-cnn checkpoint's weights (transfer learning / fine-tuning)")
+    reset_head: bool = _f(False, "with init_from: a new classifier head even when the classes are the same")
+    freeze_backbone: bool = _f(False, "with init_from: train only the classifier head")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, not tuples), so it fits YAML, JSON and a weights-only checkpoint."""
@@ -168,6 +179,11 @@ OTHER_SECTIONS = ("tune",)
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or TOML (.toml) file as a flat dict of config keys (other commands' sections removed)."""
+    return {k: v for k, v in parse_config_file(path).items() if k not in OTHER_SECTIONS}
+
+
+def parse_config_file(path: str | Path) -> dict[str, Any]:
+    """The whole mapping of a YAML or TOML config file, other commands' sections included."""
     p = Path(path)
     if not p.is_file():
         raise CifarCnnError(f"--config {p}: no such file")
@@ -186,7 +202,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise CifarCnnError(f"--config {p}: expected a mapping of keys to values at the top level")
-    return {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
+    return data
 
 
 def resolve_config(
@@ -229,6 +245,8 @@ def validate(c: TrainConfig) -> TrainConfig:
         (0 <= c.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
         (not (c.nesterov and c.optimizer == "sgd" and c.momentum == 0), "nesterov needs momentum > 0"),
         (c.std is None or all(s > 0 for s in c.std), "std values must be positive"),
+        (c.image_size == 0 or c.image_size >= 8, "image_size must be 0 (the model's) or at least 8"),
+        (c.init_from or not (c.reset_head or c.freeze_backbone), "reset_head and freeze_backbone need init_from"),
     ]
     for ok, message in checks:
         if not ok:

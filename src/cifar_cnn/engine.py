@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed, transfer
 from .checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -37,7 +37,7 @@ from .data.pipeline import Augment, TensorLoader, normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
 from .errors import CifarCnnError
 from .evaluate import evaluate
-from .models import create_model, model_info
+from .models import create_model
 from .optim import build_optimizer
 from .runinfo import now, provenance, write_run_json
 from .schedules import lr_multiplier
@@ -135,11 +135,13 @@ def train_one_epoch(
     start_step: int = 0,
     totals: EpochTotals | None = None,
     on_step: Callable[[int, EpochTotals], bool] | None = None,
+    loss_weight: Callable[[int, int], float] | None = None,
 ) -> tuple[EpochTotals, int]:
     """Train over one epoch's batches from `start_step`; returns the epoch's totals and the next step to run.
 
     `on_step(step, totals)` is called after every optimizer step; if it returns True the epoch stops early (an
-    interrupt), and the returned step is where a resumed run continues.
+    interrupt), and the returned step is where a resumed run continues. `loss_weight(step, n)` scales the loss of a
+    batch of n images before backward (distributed shards; see cifar_cnn.distributed).
     """
     model.train()
     totals = totals or EpochTotals()
@@ -163,7 +165,7 @@ def train_one_epoch(
                 "training diverged: lower the learning rate (--lr) and train again"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * loss_weight(step, len(y)) if loss_weight is not None else loss).backward()
         optimizer.step()
         totals.loss_sum += loss.item() * (len(y) if loss_reduction == "mean" else 1)
         totals.correct += int((logits.argmax(1) == y).sum().item())
@@ -241,6 +243,7 @@ def train(
     command: list[str] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: TrainProgress | None = None,
+    evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Train `config` on `data` into the run directory `out`; returns test metrics and the run's paths.
 
@@ -248,24 +251,30 @@ def train(
     schedule state, RNG state, epoch and position inside the epoch. `should_stop()` is polled after every step; when
     it returns True a resumable last.pt is written and training stops (status 'interrupted'). `progress` (see
     cifar_cnn.progress: a bar, TensorBoard) is told when each epoch starts, after each step and when each epoch ends.
+    `evaluate_test=False` skips the final test evaluation (hyper-parameter search selects on validation only).
+    Under torchrun this process joins the data-parallel group; only rank 0 writes (see cifar_cnn.distributed).
     """
     started = time.perf_counter()
     tune_allocator()
     ckpt = load_checkpoint(resume) if resume else None
-    check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    dist = distributed.init_from_env(resolve_device(config.device))  # torchrun: join the group; else one process
+    if dist.is_main:
+        check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    else:  # only rank 0 speaks and writes
+        log, progress = (lambda _: None), None
+    should_stop = dist.agreed(should_stop)  # every rank stops at the same step
     if threads is None and ckpt is not None and ckpt.get("threads"):
         # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
         threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
     set_threads(threads)
-    device = resolve_device(config.device)
+    device = dist.local_device(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     channels_last = config.channels_last and precision != "fp32"
-    info = model_info(config.model)
-    mean = config.mean or info.mean
-    std = config.std or info.std
+    input_size = transfer.resolve_input_size(config)
 
-    ds = load_dataset(data, info.input_size, home=home, threads=threads, log=log)
+    ds = load_dataset(data, input_size, home=home, threads=threads, log=log)
     splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
+    mean, std, stats_from = transfer.resolve_normalization(config, splits.classes, splits.train_images)
     if ckpt is not None and list(ckpt["classes"]) != list(splits.classes):
         raise CifarCnnError(f"{resume}: its classes {ckpt['classes']} differ from the data's {splits.classes}")
     num_classes = len(splits.classes)
@@ -285,6 +294,7 @@ def train(
     )
     if len(loader) == 0:
         raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
+    loader = dist.shard(loader)  # this rank's slice of every global batch
 
     torch.manual_seed(config.seed)  # initial weights
     model = create_model(config.model, num_classes=num_classes, **config.model_args)
@@ -297,6 +307,8 @@ def train(
             ) from None
     elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer, computed from training images
         model.init_from_data(train_x[:5000].float().cpu())
+    transferred = transfer.prepare_model(model, config, splits.classes, load_weights=ckpt is None, log=log)
+    model = dist.prepare_model(model, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -307,22 +319,32 @@ def train(
             optimizer.load_state_dict(ckpt["optimizer_state"])
         except (ValueError, KeyError) as exc:
             raise CifarCnnError(f"{resume}: optimizer state does not fit {config.optimizer!r} ({exc})") from None
-    train_model = torch.compile(model) if config.compile else model
+    train_model = dist.wrap(model, device)
+    train_model = torch.compile(train_model) if config.compile else train_model
     lr_fn = make_lr_fn(config, len(loader))
 
     history = _read_history(ckpt) if ckpt else []
     start_epoch = int(ckpt["epoch"]) if ckpt else 0  # epochs completed
     start_step = int(ckpt.get("batch_in_epoch", 0)) if ckpt else 0
-    totals = EpochTotals(**ckpt["epoch_totals"]) if ckpt and ckpt.get("epoch_totals") else None
+    totals = EpochTotals(**ckpt["epoch_totals"]) if ckpt and ckpt.get("epoch_totals") and dist.is_main else None
     best_val_loss = float(ckpt.get("best_val_loss", math.inf)) if ckpt else math.inf
     if ckpt is not None:
         torch.set_rng_state(ckpt["rng_state"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng_state"]:
             torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"], device)
+    dist.seed_rank(config.seed, start_epoch, start_step)
 
-    paths = prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    if dist.is_main:
+        paths = prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    else:
+        paths = RunPaths(Path(out))
     run = provenance(device, precision, command)
     run.update(data=data, images=_input_arrays(splits), resumed_from=str(resume) if resume else None)
+    run.update(normalization=stats_from)
+    if dist.active:
+        run["distributed"] = dist.describe()
+    if transferred:
+        run["transfer"] = transferred
     if ckpt is not None and paths.run_json.is_file():
         try:
             previous = json.loads(paths.run_json.read_text())
@@ -330,9 +352,10 @@ def train(
             run["resumes"] = previous.get("resumes", 0) + 1
         except (OSError, ValueError):
             pass
-    atomic_write_text(paths.config, to_yaml(config))
-    write_run_json(paths.run_json, run)
-    write_metrics_csv(paths.metrics, history)  # on resume: cut back to the checkpoint's epoch
+    if dist.is_main:
+        atomic_write_text(paths.config, to_yaml(config))
+        write_run_json(paths.run_json, run)
+        write_metrics_csv(paths.metrics, history)  # on resume: cut back to the checkpoint's epoch
 
     log(f"config ({config.recipe} recipe):\n" + "\n".join("  " + line for line in to_yaml(config).splitlines()))
     log(
@@ -347,7 +370,7 @@ def train(
         model={"name": config.model, "args": dict(config.model_args)},
         classes=list(splits.classes),
         num_classes=num_classes,
-        input_size=info.input_size,
+        input_size=input_size,
         mean=[float(v) for v in mean],
         std=[float(v) for v in std],
         tta=config.tta,
@@ -407,16 +430,27 @@ def train(
             start_step=start_step,
             totals=totals,
             on_step=stopping,
+            loss_weight=dist.loss_weight(loader, config.loss_reduction),
         )
         start_step = 0
+        if dist.active:  # the epoch's totals over all ranks
+            loss_sum, correct, seen = dist.all_sum([totals.loss_sum, totals.correct, totals.seen])
+            totals = EpochTotals(loss_sum, int(correct), int(seen))
         if next_step < len(loader):  # interrupted inside the epoch
-            save_checkpoint(paths.last, payload(epoch, next_step, {}, "interrupted inside an epoch", totals))
+            if dist.is_main:
+                save_checkpoint(paths.last, payload(epoch, next_step, {}, "interrupted inside an epoch", totals))
             interrupted = True
             log(
                 f"interrupted at epoch {epoch + 1}, step {next_step}/{len(loader)}; resume with: "
                 f"cifar-cnn train --resume {paths.last}"
             )
             break
+        if not dist.is_main:  # rank 0 validates and writes; the others go on to the next epoch's all-reduce
+            totals = None
+            if stopping():
+                interrupted = True
+                break
+            continue
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": totals.loss_sum / max(1, totals.seen),
@@ -471,7 +505,10 @@ def train(
             break
 
     result: dict[str, Any] = {"run_dir": str(paths.root), "interrupted": interrupted, "history": history}
-    if not interrupted:
+    if not dist.is_main:
+        dist.finish()
+        return result
+    if not interrupted and evaluate_test:
         if not paths.best.is_file():
             raise CifarCnnError(f"{paths.best}: missing; the run has no best checkpoint to test")
         test = evaluate_checkpoint(
@@ -496,6 +533,7 @@ def train(
         seconds=round(time.perf_counter() - started, 3),
     )
     write_run_json(paths.run_json, run)
+    dist.finish()
     return result
 
 

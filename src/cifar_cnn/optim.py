@@ -107,7 +107,7 @@ def build_optimizer(
       group's weight decay divided by its LR factor so that every group decays by the same lr x weight_decay per step.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    head = _head_names(model) & set(params)
+    head = _head_names(model) & set(params) if head_lr_factor != 1.0 else set()  # one group when the LRs agree
     early = set(getattr(model, "early_params", ())) & set(params)
     filters = {n for n, p in params.items() if p.ndim == 4} - head - early if name == "muon" else set()
     rest = [n for n in params if n not in head | early | filters]

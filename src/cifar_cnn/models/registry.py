@@ -28,6 +28,7 @@ class ModelInfo:
     mean: tuple[float, float, float]  # default per-channel normalization mean (of images scaled to 0..1)
     std: tuple[float, float, float]  # default per-channel normalization std
     description: str
+    any_input_size: bool = False  # True: works with any image size (e.g. global pooling); else only input_size
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -39,14 +40,20 @@ def register_model(
     input_size: int = 32,
     mean: tuple[float, float, float] = CIFAR10_MEAN,
     std: tuple[float, float, float] = CIFAR10_STD,
+    any_input_size: bool = False,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that registers a builder `fn(num_classes=..., **kwargs) -> nn.Module` under `name`."""
+    """Decorator that registers a builder `fn(num_classes=..., **kwargs) -> nn.Module` under `name`.
+
+    `any_input_size` says the network accepts images of any side, not only `input_size`.
+    """
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         doc = (inspect.getdoc(builder) or "").strip().splitlines()
-        _REGISTRY[name] = ModelInfo(name, builder, input_size, tuple(mean), tuple(std), doc[0] if doc else "")
+        _REGISTRY[name] = ModelInfo(
+            name, builder, input_size, tuple(mean), tuple(std), doc[0] if doc else "", any_input_size
+        )
         return builder
 
     return decorator

@@ -27,6 +27,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    head_name = "fc"  # the classifier head (transfer learning, head_lr_factor)
+
     def __init__(self, blocks: tuple[int, ...], num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Sequential(
@@ -52,7 +54,7 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@register_model("resnet18")
+@register_model("resnet18", any_input_size=True)  # global average pooling: any image size
 def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
     """CIFAR ResNet-18 (11.2 M parameters at width 64): 3x3 stem, four stages of two basic blocks."""
     return ResNet((2, 2, 2, 2), num_classes=num_classes, width=width)

@@ -12,6 +12,8 @@ from .registry import register_model
 class SeedCNN(nn.Module):
     """conv1 3->16, conv2 16->32 (3x3, stride 1, pad 1), 2x2 max-pool after each, fc1 32*8*8->512, fc2 512->classes."""
 
+    head_name = "fc2"  # the classifier head (transfer learning, head_lr_factor)
+
     def __init__(self, num_classes: int = 10, dropout: float = 0.25) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -33,7 +35,7 @@ class SeedCNN(nn.Module):
         return self.fc2(x)  # raw logits; softmax belongs to prediction and reporting
 
 
-@register_model("seed_cnn", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+@register_model("seed_cnn", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fc1 fixes the input at 32 px
 def seed_cnn(num_classes: int = 10, dropout: float = 0.25) -> SeedCNN:
     """The notebook's small CNN (1.06 M parameters); inputs normalized to [-1, 1]."""
     return SeedCNN(num_classes=num_classes, dropout=dropout)

@@ -1,0 +1,191 @@
+"""Transfer learning: start from another run's weights, replace or keep the classifier head, freeze the body; and the
+input size and normalization of one's own data.
+
+The *head* is the module a model names as its classifier (its `head_name` attribute: `fc2` for seed_cnn, `fc` for
+resnet18, `head` for airbench): the layer that maps features to class logits. Everything else is the *body*
+(backbone). Head and body get their own learning rates through `head_lr_factor` (see cifar_cnn.optim).
+
+`train --init-from CKPT` loads the body from CKPT, and the head too when the classes are the same (same names, same
+order) and `--reset-head` is not given; with other classes the head keeps its fresh random initialization, sized for
+the new data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .errors import CifarCnnError
+from .models import model_info
+
+
+def is_head(param_name: str, head: str) -> bool:
+    """Whether a parameter (or buffer) name belongs to the head module `head`."""
+    return param_name == head or param_name.startswith(head + ".")
+
+
+def check_head(model: nn.Module, model_name: str) -> str:
+    """The head's name (the model's `head_name`), after checking that the model has such a module."""
+    head = getattr(model, "head_name", None)
+    if not head or not any(is_head(name, head) for name, _ in model.named_parameters()):
+        raise CifarCnnError(
+            f"model {model_name!r} names no classifier head (a `head_name` attribute naming its last layer), "
+            "so it cannot be fine-tuned with a new head or a frozen body"
+        )
+    return head
+
+
+def init_from_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    model_name: str,
+    model_args: dict[str, Any],
+    classes: list[str],
+    reset_head: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load a checkpoint's weights into `model` (a fresh `model_name` for `classes`); returns what was done.
+
+    The head is taken from the checkpoint only when its classes equal `classes` and `reset_head` is false; otherwise
+    it stays freshly initialized (sized for `classes`). Every body weight must be present with the same shape.
+    """
+    ckpt = load_checkpoint(path)
+    source = ckpt["model"]["name"]
+    if source != model_name:
+        raise CifarCnnError(
+            f"--init-from {path}: it holds a {source!r} model, this run builds {model_name!r}; pass --model {source}"
+        )
+    source_args = dict(ckpt["model"].get("args", {}))
+    head = check_head(model, model_name)
+    keep_head = list(ckpt["classes"]) == list(classes) and not reset_head
+    state = {k: v for k, v in ckpt["model_state"].items() if keep_head or not is_head(k, head)}
+    target = model.state_dict()
+    for key, value in state.items():
+        if key in target and target[key].shape != value.shape:
+            raise CifarCnnError(
+                f"--init-from {path}: weight {key} has shape {tuple(value.shape)} there but {tuple(target[key].shape)} "
+                f"in this model; build the same architecture (its model_args: {source_args}, this run's: {model_args})"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if keep_head or not is_head(k, head)]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CifarCnnError(f"--init-from {path}: weights do not fit model {model_name!r} ({what})")
+    done = {
+        "init_from": str(path),
+        "source_classes": list(ckpt["classes"]),
+        "head": head,
+        "head_loaded": keep_head,
+        "source_input_size": ckpt.get("input_size"),
+    }
+    reason = "same classes" if keep_head else ("--reset-head" if reset_head else "other classes")
+    log(
+        f"initialized from {path} ({source}, {len(ckpt['classes'])} classes); head {head!r} "
+        + ("loaded" if keep_head else f"new, for {len(classes)} classes ({reason})")
+    )
+    return done
+
+
+def freeze_body(model: nn.Module, head: str) -> int:
+    """Stop training every parameter outside the head; returns how many parameters stay trainable.
+
+    Batch-norm layers of the body keep their running statistics (momentum 0): in training mode they still normalize
+    with the batch's statistics, but evaluation uses the pretrained ones unchanged.
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_head(name, head))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_head(name, head):
+            m.momentum = 0.0
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def prepare_model(
+    model: nn.Module,
+    config: TrainConfig,
+    classes: list[str],
+    *,
+    load_weights: bool,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Apply a config's transfer settings to a fresh model: init_from (when `load_weights`: not when resuming, whose
+    checkpoint brings its own weights) and freeze_backbone. Returns a summary for run.json, or None."""
+    if not config.init_from:
+        return None
+    summary: dict[str, Any] = {"init_from": config.init_from}
+    if load_weights:
+        summary = init_from_checkpoint(
+            model,
+            config.init_from,
+            model_name=config.model,
+            model_args=dict(config.model_args),
+            classes=classes,
+            reset_head=config.reset_head,
+            log=log,
+        )
+    if config.freeze_backbone:
+        head = check_head(model, config.model)
+        trainable = freeze_body(model, head)
+        summary["trainable_parameters"] = trainable
+        log(f"backbone frozen: training only {head!r} ({trainable} parameters)")
+    return summary
+
+
+# ---- own data: input size and normalization ------------------------------------------------------------------------
+
+
+def resolve_input_size(config: TrainConfig) -> int:
+    """The side images are resized to: config.image_size, or the model's own input size when it is 0."""
+    info = model_info(config.model)
+    size = config.image_size or info.input_size
+    if size != info.input_size and not info.any_input_size:
+        raise CifarCnnError(
+            f"model {config.model!r} takes only {info.input_size}x{info.input_size} images, not image_size {size}: "
+            f"use image_size {info.input_size} (or 0), or a model that takes any size, such as resnet18"
+        )
+    return size
+
+
+def channel_stats(images: Any, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), as fractions of 255 (float64 sums)."""
+    x = torch.as_tensor(images)
+    channels = x.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        part = x[i : i + chunk].to(torch.float64) / 255.0
+        total += part.sum(dim=(0, 2, 3))
+        squares += (part * part).sum(dim=(0, 2, 3))
+    count = max(1, len(x) * x.shape[2] * x.shape[3])
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(1e-12).sqrt().clamp_min(1e-3)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def resolve_normalization(
+    config: TrainConfig, classes: list[str], train_images: Any
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(mean, std, where they came from) for a run, following config.normalize (see its help)."""
+    from .data import CIFAR10_CLASSES
+    from .recipes import RECIPES
+
+    info = model_info(config.model)
+    preset = RECIPES[config.recipe].values if config.recipe in RECIPES else {}
+    given = (config.mean, config.std)
+    # set in a config file or on the command line (a recipe's mean/std is its default for CIFAR-10, not a choice)
+    explicit = given != (None, None) and given != (preset.get("mean"), preset.get("std"))
+    own_classes = tuple(classes) != tuple(CIFAR10_CLASSES)
+    if config.normalize == "dataset" or (config.normalize == "auto" and not explicit and own_classes):
+        if len(train_images) == 0:
+            raise CifarCnnError("normalize dataset: no training images to compute the statistics from")
+        mean, std = channel_stats(train_images)
+        return mean, std, "dataset"
+    source = "config" if given != (None, None) else "model"
+    return tuple(config.mean or info.mean), tuple(config.std or info.std), source
