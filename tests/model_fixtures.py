@@ -1,14 +1,21 @@
 """Helpers shared by the predict, export and serve tests: one small trained checkpoint and real CIFAR-10 test JPEGs,
-each made once per test session (the test modules wrap them in session-scoped fixtures)."""
+each made once per test session (the test modules wrap them in session-scoped fixtures), and `Server`, a real
+`cifar-cnn serve` subprocess on a free loopback port."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from .conftest import CLASSES, SHARED_ARCHIVE, make_images, write_official_batches
+from .conftest import CLASSES, ROOT, SHARED_ARCHIVE, make_images, write_official_batches
 
 _cache: dict[str, Path] = {}
 
@@ -61,3 +68,40 @@ def real_test_tree(factory: pytest.TempPathFactory, per_class: int = 100) -> Pat
                     dest.write_bytes(tf.extractfile(member).read())
         _cache[key] = root
     return _cache[key]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`cifar-cnn serve` in a subprocess on 127.0.0.1, stopped when the block ends."""
+
+    def __init__(self, checkpoint: Path, log: Path, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        cmd = [sys.executable, "-m", "cifar_cnn", "serve", str(checkpoint), "--port", str(self.port), *options]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}: {log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"server did not answer /health within 60 s: {log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)

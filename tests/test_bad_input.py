@@ -1,5 +1,7 @@
-"""The bad-input catalogue (docs/bad-input.md): every case exits with code 2 and a one-line message that names the
-file or value, and leaves an earlier run's files byte-for-byte as they were."""
+"""The bad-input catalogue (docs/bad-input.md): every command-line case (CASES) exits with code 2 and a one-line
+message that names the file or value, and leaves an earlier run's files byte-for-byte as they were; every HTTP case
+(HTTP_CASES, sent to a real `cifar-cnn serve` on 127.0.0.1) gets its exact 4xx status and a one-line JSON message
+that names what was wrong, and the server answers /health afterwards."""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ import hashlib
 import io
 import os
 import pickle
+import struct
 import tarfile
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -22,6 +28,7 @@ from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 
 from .conftest import make_images, make_tar, write_official_batches
+from .model_fixtures import Server
 
 
 @dataclass
@@ -70,6 +77,15 @@ def bomb_png() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (30000, 30000)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def odd_dds() -> bytes:
+    """A DDS file whose pixel format Pillow does not implement (Pillow raises NotImplementedError, not OSError)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4)).save(buf, format="DDS")
+    blob = bytearray(buf.getvalue())
+    blob[80:88] = struct.pack("<I", 4) + b"ABCD"  # pixel format flags: FOURCC; FOURCC: an unknown one
+    return bytes(blob)
 
 
 class Evil:
@@ -303,6 +319,13 @@ CASES: list[Case] = [
         "bomb.png",
     ),
     (
+        "unsupported-image",
+        "images",
+        "a DDS file in a pixel format Pillow cannot read",
+        lambda e: ["data", "--data", str(e.tree({**good_tree_files(), "train/b/odd.dds": odd_dds()}, "ui"))],
+        "odd.dds: unreadable",
+    ),
+    (
         "archive-dotdot",
         "data",
         "an archive member named ../x",
@@ -524,6 +547,56 @@ CASES: list[Case] = [
 ]
 
 
+MIB = 1024 * 1024  # the catalogue's server runs with --max-upload-mb 1
+
+
+def upload(data: bytes, name: str = "image.png", **params: str) -> dict[str, Any]:
+    """httpx.request arguments for POST /predict with `data` as the multipart `file` field."""
+    return {"files": {"file": (name, data, "application/octet-stream")}, "params": params}
+
+
+def streamed_body(total: int) -> dict[str, Any]:
+    """A multipart body of `total` bytes sent chunked, with no Content-Length for the server to check first."""
+    head = b"--x\r\nContent-Disposition: form-data; name=file; filename=stream.jpg\r\n\r\n"
+    chunks = [head] + [b"0" * 65536] * (total // 65536)
+    return {"content": iter(chunks), "headers": {"content-type": "multipart/form-data; boundary=x"}}
+
+
+# (id, area, what, request builder (httpx.request arguments; POST /predict unless it says), status, message fragment)
+HttpCase = tuple[str, str, str, Callable[[], dict[str, Any]], int, str]
+HTTP_CASES: list[HttpCase] = [
+    ("http-not-an-image", "http", "a text file uploaded as the image", lambda: upload(b"hello, I am not a picture", "notes.txt"), 422, "notes.txt: not a readable image"),
+    ("http-empty-upload", "http", "an empty file", lambda: upload(b"", "empty.png"), 400, "empty.png: empty upload"),
+    ("http-oversized", "http", "an image 4 KiB over the 1 MiB limit", lambda: upload(bytes(MIB + 4096), "big.jpg"), 413, "big.jpg: upload too large"),
+    ("http-oversized-body", "http", "a 2 MiB body (refused from its Content-Length)", lambda: upload(bytes(2 * MIB), "huge.jpg"), 413, "upload too large: the limit is 1,048,576 bytes"),
+    ("http-oversized-streamed", "http", "a 2 MiB body sent chunked, without Content-Length", lambda: streamed_body(2 * MIB), 413, "upload too large"),
+    ("http-decompression-bomb", "http", "a PNG claiming 8000 x 8000 pixels", lambda: upload(png_header_only(8000, 8000), "bomb.png"), 422, "possible decompression bomb"),
+    ("http-truncated-image", "http", "a JPEG cut in half", lambda: upload(_half_jpeg(), "half.jpg"), 422, "half.jpg: unreadable or truncated image"),
+    ("http-unsupported-image", "http", "a DDS file in a pixel format Pillow cannot read", lambda: upload(odd_dds(), "odd.dds"), 422, "odd.dds: unreadable"),
+    ("http-top-k-zero", "http", "?top_k=0", lambda: upload(png(), top_k="0"), 422, "top_k: Input should be greater than or equal to 1 (got '0')"),
+    ("http-top-k-negative", "http", "?top_k=-3", lambda: upload(png(), top_k="-3"), 422, "top_k: Input should be greater than or equal to 1 (got '-3')"),
+    ("http-top-k-not-integer", "http", "?top_k=2.5", lambda: upload(png(), top_k="2.5"), 422, "top_k: Input should be a valid integer"),
+    ("http-top-k-word", "http", "?top_k=five", lambda: upload(png(), top_k="five"), 422, "top_k: Input should be a valid integer"),
+    ("http-top-k-huge", "http", "?top_k= a 5000-digit number (a merely large one, such as 10^20, is clamped to the classes)", lambda: upload(png(), top_k="9" * 5000), 422, "top_k: Unable to parse input string as an integer"),
+    ("http-missing-file", "http", "a form without the file field", lambda: {"data": {"image": "x"}}, 422, "file: no image file"),
+    ("http-file-as-text", "http", "file sent as a text field, not a file", lambda: {"data": {"file": "hello"}}, 422, "file: no image file"),
+    ("http-json-body", "http", "JSON instead of multipart/form-data", lambda: {"json": {"file": "aGVsbG8="}}, 422, "file: no image file"),
+    ("http-raw-image-body", "http", "the image as the raw body (Content-Type: image/png)", lambda: {"content": png(), "headers": {"content-type": "image/png"}}, 422, "file: no image file"),
+    ("http-no-boundary", "http", "multipart/form-data without a boundary", lambda: {"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "Missing boundary"),
+    ("http-wrong-method", "http", "GET /predict", lambda: {"method": "GET"}, 405, "Method Not Allowed"),
+]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels followed by a tiny IDAT: a decompression bomb in 100 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def _zip_of(e: Env, files: dict[str, bytes]) -> Path:
     path = e.tmp / "z.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -581,8 +654,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def test_catalogue_is_large_and_unique() -> None:
-    ids = [c[0] for c in CASES]
-    assert len(ids) == len(set(ids)) and len(ids) >= 30
+    ids = [c[0] for c in CASES + HTTP_CASES]
+    assert len(ids) == len(set(ids)) and len(CASES) >= 30 and len(HTTP_CASES) >= 6
+    assert {c[1] for c in HTTP_CASES} == {"http"} and all(400 <= c[4] < 500 for c in HTTP_CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -604,11 +678,36 @@ def test_bad_input(case: Case, tmp_path: Path, finished_run, capsys: pytest.Capt
     assert not marker.exists(), "pickled code ran"
 
 
+@pytest.fixture(scope="module")
+def http_server(finished_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`cifar-cnn serve` on the finished run's best.pt (read only), on 127.0.0.1, with a 1 MiB upload limit."""
+    log = tmp_path_factory.mktemp("bad_input_server") / "serve.log"
+    srv = Server(finished_run[1] / "best.pt", log, "--threads", "1", "--max-upload-mb", "1", "--log-level", "warning")
+    yield srv
+    srv.stop()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
+def test_bad_http_request(case: HttpCase, http_server: Server) -> None:
+    _, _, _, build, status, fragment = case
+    request = {"method": "POST", "url": f"{http_server.url}/predict", "timeout": 30, **build()}
+    response = httpx.request(**request)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json" and "\n" not in response.text, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and fragment in detail, (fragment, detail)
+    assert http_server.proc.poll() is None, "the server exited"
+    assert httpx.get(f"{http_server.url}/health", timeout=10).json()["status"] == "ok"
+
+
 def catalogue_markdown() -> str:
-    """The table of docs/bad-input.md, generated from CASES so the two never drift apart."""
-    rows = ["| # | area | case | what the user sees (exit code 2) |", "|---|---|---|---|"]
+    """The table of docs/bad-input.md, generated from CASES and HTTP_CASES so the two never drift apart."""
+    rows = ["| # | area | case | what the user sees |", "|---|---|---|---|"]
     for i, (cid, area, what, _, fragment) in enumerate(CASES, 1):
-        rows.append(f"| {i} | {area} | `{cid}`: {what} | `...{fragment}...` |")
+        rows.append(f"| {i} | {area} | `{cid}`: {what} | exit code 2, `...{fragment}...` |")
+    for i, (cid, area, what, _, status, fragment) in enumerate(HTTP_CASES, len(CASES) + 1):
+        rows.append(f"| {i} | {area} | `{cid}`: {what} | HTTP {status}, `{{\"detail\": \"...{fragment}...\"}}` |")
     return "\n".join(rows)
 
 

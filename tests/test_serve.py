@@ -8,11 +8,8 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -26,8 +23,7 @@ import pytest
 from cifar_cnn.predict import Predictor
 from cifar_cnn.serve.app import MicroBatcher
 
-from .conftest import ROOT
-from .model_fixtures import real_test_tree, tiny_checkpoint
+from .model_fixtures import Server, real_test_tree, tiny_checkpoint
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -50,43 +46,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real CIFAR-10 test JPEGs from the shared archive: ROOT/test/<class>/NNNN.jpg."""
     return real_test_tree(tmp_path_factory, per_class=100) / "test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`cifar-cnn serve` in a subprocess on 127.0.0.1, stopped when the block ends."""
-
-    def __init__(self, checkpoint: Path, log: Path, *options: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        cmd = [sys.executable, "-m", "cifar_cnn", "serve", str(checkpoint), "--port", str(self.port), *options]
-        self.log = log
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"server did not answer /health within 60 s: {log.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ single worker thread so that forward passes never compete for the CPU. While a p
 form the next batch, so under load batches grow by themselves. /metrics counts the batch sizes used.
 
 Uploads are checked before the model sees them: a body larger than the limit is refused from its Content-Length
-(or as it streams in), an empty file gets 400, a file Pillow cannot read or a decompression bomb gets 422, each with
-a message in {"detail": ...}. Nothing a client uploads causes a 5xx.
+(or as it streams in), an empty file gets 400, a file Pillow cannot read or a decompression bomb gets 422, and so
+does a request FastAPI cannot validate (no `file` field, a `top_k` that is not a positive integer), each with a
+one-line message in {"detail": "..."}, as the OpenAPI schema documents. Nothing a client uploads causes a 5xx.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +37,49 @@ from ..predict_core import BasePredictor, top_k_rows
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024  # 10 MiB: a large photograph; CIFAR images are ~1 KB
 MULTIPART_OVERHEAD = 64 * 1024  # room for the multipart boundaries, headers and the top_k field
+
+
+class ErrorMessage(BaseModel):
+    """Every 4xx answer: what was wrong, in one line."""
+
+    detail: str
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    filename: str
+    label: str
+    probability: float
+    top_k: list[LabelProbability]
+
+
+ERRORS = {
+    status: {"model": ErrorMessage, "description": text}
+    for status, text in [
+        (400, "Empty upload or a body that is not multipart/form-data"),
+        (413, "Upload over the size limit"),
+        (422, "Not a readable image, a decompression bomb, no `file` field, or a bad `top_k`"),
+    ]
+}
+
+
+def validation_message(errors: Any) -> str:
+    """FastAPI's list of validation errors as one line that names each field: 'top_k: Input should be ...'."""
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        name = ".".join(loc[1:]) or ".".join(loc) or "request"
+        if name == "file":
+            parts.append("file: no image file; send one as multipart/form-data in the 'file' field")
+            continue
+        value = str(e.get("input"))
+        got = "" if e.get("type") == "missing" else f" (got {value[:40] + '...' * (len(value) > 40)!r})"
+        parts.append(f"{name}: {e.get('msg', 'invalid')}{got}")
+    return " ".join("; ".join(parts).split())  # one line, whatever the messages held
 
 
 @dataclass
@@ -201,6 +247,11 @@ def create_app(
         stats.rejected[status] += 1
         return HTTPException(status_code=status, detail=detail)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        stats.rejected[422] += 1
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -224,7 +275,7 @@ def create_app(
             "uptime_s": round(time.time() - stats.started, 3),
         }
 
-    @app.post("/predict", summary="Classify one uploaded image")
+    @app.post("/predict", summary="Classify one uploaded image", response_model=Prediction, responses=ERRORS)
     async def predict(
         file: UploadFile = File(..., description="an image file: PNG, JPEG, WebP, BMP, GIF, TIFF, ..."),
         top_k: int = Query(5, ge=1, description="how many labels to return, most probable first"),
