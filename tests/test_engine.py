@@ -187,3 +187,14 @@ def test_learns_something(tmp_path: Path, official_dir: Path) -> None:
     out = tmp_path / "run"
     res = train(small_config(epochs=3, cutout=0, translate=0), str(official_dir), out, log=quiet, threads=1)
     assert res["test_metrics"]["accuracy"] > 0.5
+
+
+def test_switching_model_drops_the_recipes_model_args(tmp_path: Path) -> None:
+    c = resolve_config("seed", None, {"model": "resnet18"})
+    assert c.model == "resnet18" and c.model_args == {}  # seed_cnn's dropout would not fit resnet18
+    c = resolve_config("seed", None, {"model": "resnet18", "model_args": {"width": 8}})
+    assert c.model_args == {"width": 8}
+    f = tmp_path / "c.yaml"
+    f.write_text("model: airbench\n")
+    assert resolve_config("seed", f, {}).model_args == {}
+    assert resolve_config("seed", None, {"epochs": 2}).model_args == {"dropout": 0.25}  # same model: kept

@@ -217,12 +217,24 @@ def resolve_config(
     config = apply(TrainConfig(), {**recipe_values(name), "recipe": name}, f"recipe {name}")
     file_values = {k: v for k, v in file_values.items() if k != "recipe"}
     if file_values:
-        config = apply(config, file_values, f"--config {config_file}")
-    if "model_args" in overrides:
-        overrides["model_args"] = {**config.model_args, **overrides["model_args"]}
+        config = apply(config, _model_args_for(config, file_values), f"--config {config_file}")
     if overrides:
+        overrides = _model_args_for(config, overrides)
         config = apply(config, overrides, "command line")
     return validate(config)
+
+
+def _model_args_for(config: TrainConfig, layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer's model arguments add to the ones before it while the model stays the same. With another model they
+    start afresh: the earlier arguments (e.g. the seed recipe's dropout) belong to the earlier model."""
+    layer = dict(layer)
+    same_model = layer.get("model", config.model) == config.model
+    given = layer.get("model_args")
+    if same_model and isinstance(given, dict):
+        layer["model_args"] = {**config.model_args, **given}
+    elif not same_model and given is None:
+        layer["model_args"] = {}
+    return layer
 
 
 def validate(c: TrainConfig) -> TrainConfig:
