@@ -46,7 +46,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def throughput(recipe: str, *, steps: int = 6, warmup: int = 2, device: str = "auto", precision: str = "auto",
+def throughput(recipe: str, *, steps: int = 5, warmup: int = 1, device: str = "auto", precision: str = "auto",
                batch_size: int | None = None) -> dict[str, Any]:
     """Median step time of training and of inference (with the recipe's TTA) on random data of the recipe's shape."""
     config = resolve_config(recipe, None, {"device": device, "precision": precision})
@@ -172,6 +172,7 @@ def run_bench(
     seeds: list[int],
     data: str | None,
     throughput_only: bool = False,
+    steps: int = 5,
     device: str = "auto",
     threads: int | None = None,
     log: Callable[[str], None] = print,
@@ -186,7 +187,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine(), "throughput": [], "runs": [], "ratios": []}
     for recipe in recipes:
-        r = throughput(recipe, device=device)
+        r = throughput(recipe, steps=steps, device=device)
         log(f"throughput {recipe}: train {r['train_img_per_s']:.0f} img/s ({r['train_tflops']:.3f} TFLOP/s), "
             f"inference {r['infer_img_per_s']:.0f} img/s ({r['infer_tflops']:.3f} TFLOP/s)")
         result["throughput"].append(r)

@@ -747,7 +747,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     log = _logger(args.json)
     result = run_bench(
         Path(args.out), recipes=args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-        data=args.data, throughput_only=args.throughput_only, device=args.device, threads=args.threads, log=log,
+        data=args.data, throughput_only=args.throughput_only, steps=args.steps, device=args.device,
+        threads=args.threads, log=log,
     )
     if args.json:
         _emit_json(result)
@@ -769,6 +770,7 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the time-to-accuracy runs")
     p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where bench.json and bench.md go")
     p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_bench)
 
