@@ -65,6 +65,26 @@ def _common(parser: argparse.ArgumentParser, data: bool = False, json_flag: bool
     )
 
 
+def _inference_options(
+    parser: argparse.ArgumentParser, *, tta: bool, batch_size: int | None, device: str, precision: bool
+) -> None:
+    """The options of every command that runs a trained model: --tta, --batch-size, --device, --precision."""
+    if tta:
+        parser.add_argument(
+            "--tta",
+            default=None,
+            choices=("none", "flip", "flip-translate"),
+            help="test-time augmentation (default: the checkpoint's)",
+        )
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
+    parser.add_argument("--device", default=device, help="auto, cpu or cuda")
+    if precision:
+        parser.add_argument(
+            "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # train
 
@@ -396,15 +416,7 @@ def _build_evaluate(sub: argparse._SubParsersAction) -> None:
         choices=("test", "val", "train"),
         help="which split (val is rebuilt from the checkpoint's seed and val_split)",
     )
-    p.add_argument(
-        "--tta",
-        default=None,
-        choices=("none", "flip", "flip-translate"),
-        help="test-time augmentation (default: the checkpoint's)",
-    )
-    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
+    _inference_options(p, tta=True, batch_size=1000, device="auto", precision=True)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -443,9 +455,7 @@ def _build_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
     p.add_argument("--data", default=None, metavar="SOURCE", help="data source (default: the run's own, from run.json)")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: RUN_DIR/report)")
-    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision")
+    _inference_options(p, tta=False, batch_size=1000, device="auto", precision=True)
     _common(p)
     p.set_defaults(func=cmd_report)
 
@@ -626,14 +636,7 @@ def _build_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", default=None, metavar="FILE", help="predict with an exported .onnx model instead")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="how many labels per image")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the predictions and errors as CSV")
-    p.add_argument(
-        "--tta",
-        default=None,
-        choices=("none", "flip", "flip-translate"),
-        help="test-time augmentation (default: the checkpoint's)",
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    _inference_options(p, tta=True, batch_size=256, device="cpu", precision=False)
     _common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -721,8 +724,7 @@ def _build_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a .pt file written by train")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--tta", default=None, choices=("none", "flip", "flip-translate"), help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    _inference_options(p, tta=True, batch_size=None, device="cpu", precision=False)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
     p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others")
@@ -746,9 +748,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     log = _logger(args.json)
     result = run_bench(
-        Path(args.out), recipes=args.recipes.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-        data=args.data, throughput_only=args.throughput_only, steps=args.steps, device=args.device,
-        threads=args.threads, log=log,
+        Path(args.out),
+        recipes=args.recipes.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        data=args.data,
+        throughput_only=args.throughput_only,
+        steps=args.steps,
+        device=args.device,
+        threads=args.threads,
+        log=log,
     )
     if args.json:
         _emit_json(result)
@@ -759,7 +767,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _build_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="throughput and time-to-accuracy of the recipes", formatter_class=_Formatter,
+        "bench",
+        help="throughput and time-to-accuracy of the recipes",
+        formatter_class=_Formatter,
         description="Train and inference img/s, achieved TFLOP/s and peak memory of each recipe's model; then, "
         "unless --throughput-only, each recipe trained per seed with the seed recipe side by side. Writes "
         "bench.json and bench.md into --out.",
