@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +37,8 @@ from .data import Splits, load_dataset, make_splits
 from .data.pipeline import Augment, TensorLoader, normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
 from .errors import CifarCnnError
-from .evaluate import evaluate
+from .evaluate import evaluate, predict_logits
+from .metrics import classification_metrics
 from .models import create_model
 from .optim import build_optimizer
 from .runinfo import now, provenance, write_run_json
@@ -87,9 +89,16 @@ class RunPaths:
 def optimizer_for(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> Any:
     """The optimizer a config asks for (see optim.build_optimizer for the parameter groups)."""
     return build_optimizer(
-        model, config.optimizer, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay, head_lr_factor=config.head_lr_factor, muon_lr=config.muon_lr,
-        muon_momentum=config.muon_momentum, early_steps=round(config.early_params_epochs * steps_per_epoch),
+        model,
+        config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        head_lr_factor=config.head_lr_factor,
+        muon_lr=config.muon_lr,
+        muon_momentum=config.muon_momentum,
+        early_steps=round(config.early_params_epochs * steps_per_epoch),
     )
 
 
@@ -550,8 +559,12 @@ def evaluate_checkpoint(
     home: Path | None = None,
     log: Callable[[str], None] = print,
     dataset_splits: Splits | None = None,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split of `data`; the validation split is rebuilt from the checkpoint's config."""
+    with_logits: bool = False,
+) -> Any:
+    """Evaluate a checkpoint on a split of `data`; the validation split is rebuilt from the checkpoint's config.
+
+    Returns the metrics dict (`evaluate --json`), or (metrics, logits) with `with_logits`, for callers such as the
+    report that also need the per-image predictions of the same forward pass."""
     if split not in ("test", "val", "train"):
         raise CifarCnnError(f"--split must be test, val or train, got {split!r}")
     set_threads(threads)
@@ -580,18 +593,17 @@ def evaluate_checkpoint(
     if len(labels) == 0:
         raise CifarCnnError(f"the {split} split of {data} is empty (the checkpoint was trained with val_split 0?)")
     mode = tta or ckpt.get("tta", "none")
-    result = evaluate(
+    logits = predict_logits(
         model,
         images,
-        labels,
-        list(ckpt["classes"]),
-        mean=tuple(ckpt["mean"]),
-        std=tuple(ckpt["std"]),
+        tuple(ckpt["mean"]),
+        tuple(ckpt["std"]),
         batch_size=batch_size,
         device=dev,
         precision=prec,
         tta=mode,
         channels_last=channels_last,
     )
-    result.update(split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
-    return result
+    result = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
+    result.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
+    return (result, logits) if with_logits else result

@@ -33,7 +33,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from .checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, model_from_checkpoint
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
 from .errors import CifarCnnError
 
 REPORT_DIRNAME = "report"
@@ -335,15 +335,13 @@ def evaluate_run(
     import torch
 
     from .data import load_dataset, make_splits
-    from .device import resolve_device, resolve_precision
     from .engine import evaluate_checkpoint
-    from .evaluate import predict_logits
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.get("config", {})
     ds = load_dataset(data, int(ckpt["input_size"]), home=home, threads=threads, log=log)
     splits = make_splits(ds, float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)), cfg.get("subset") or None)
-    metrics = evaluate_checkpoint(
+    metrics, logits = evaluate_checkpoint(
         checkpoint,
         data,
         split="test",
@@ -354,24 +352,7 @@ def evaluate_run(
         home=home,
         log=log,
         dataset_splits=splits,
-    )
-    # the same forward pass again, kept per image for the prediction grids
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    model = model_from_checkpoint(ckpt, checkpoint).to(dev)
-    channels_last = prec != "fp32" and bool(cfg.get("channels_last", True))
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    logits = predict_logits(
-        model,
-        splits.test_images,
-        tuple(ckpt["mean"]),
-        tuple(ckpt["std"]),
-        batch_size=batch_size,
-        device=dev,
-        precision=prec,
-        tta=metrics["tta"],
-        channels_last=channels_last,
+        with_logits=True,
     )
     probs = torch.softmax(logits, 1).numpy()
     return metrics, splits.test_images, np.asarray(splits.test_labels), probs

@@ -266,9 +266,7 @@ def _tree_entry(rel: PurePosixPath, exts: set[str]) -> tuple[str, str] | None:
     return parts[-3], parts[-2]
 
 
-def _assemble_tree(
-    entries: list[tuple[_Entry, Callable[[], bytes]]], where: str, size: int, threads: int, skipped: int
-) -> Dataset:
+def _assemble_tree(entries: list[tuple[_Entry, Callable[[], bytes]]], where: str, size: int, threads: int) -> Dataset:
     by_split: dict[str, dict[str, list[tuple[_Entry, Callable[[], bytes]]]]] = {}
     for entry, load in entries:
         by_split.setdefault(entry.split, {}).setdefault(entry.cls, []).append((entry, load))
@@ -316,7 +314,7 @@ def _assemble_tree(
 def read_image_folder(root: Path, size: int, threads: int = 1) -> Dataset:
     """An image-folder tree on disk."""
     exts = image_extensions()
-    entries, skipped = [], 0
+    entries = []
     for split in SPLITS:
         base = root / split
         if not base.is_dir():
@@ -326,10 +324,9 @@ def read_image_folder(root: Path, size: int, threads: int = 1) -> Dataset:
                 path = Path(dirpath) / fname
                 found = _tree_entry(PurePosixPath(path.relative_to(root).as_posix()), exts)
                 if found is None:
-                    skipped += 1
                     continue
                 entries.append((_Entry(found[0], found[1], str(path)), path.read_bytes))
-    return _assemble_tree(entries, str(root), size, threads, skipped)
+    return _assemble_tree(entries, str(root), size, threads)
 
 
 def _tree_from_members(members: Iterable[tuple[str, Callable[[], bytes]]], where: str) -> list:
@@ -356,12 +353,12 @@ def read_image_archive(path: Path, size: int, threads: int = 1) -> Dataset:
             loaded = [(e, _bytes_loader(load())) for e, load in entries]
         except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
             raise CifarCnnError(f"{path}: zip archive is corrupt or truncated ({exc})") from None
-        return _assemble_tree(loaded, str(path), size, threads, 0)
+        return _assemble_tree(loaded, str(path), size, threads)
     with _open_tar(path) as tf:
         blobs = [
             (m.name, _bytes_loader(_read_tar_member(tf, m, path))) for m in _checked_members(tf, path) if m.isfile()
         ]
-    return _assemble_tree(_tree_from_members(blobs, str(path)), str(path), size, threads, 0)
+    return _assemble_tree(_tree_from_members(blobs, str(path)), str(path), size, threads)
 
 
 def _bytes_loader(blob: bytes) -> Callable[[], bytes]:
