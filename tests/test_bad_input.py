@@ -370,6 +370,20 @@ CASES: list[Case] = [
         "must be one of sgd, adam, adamw",
     ),
     (
+        "ema-decay-one",
+        "config",
+        "--ema-decay 1 (the average would never move)",
+        lambda e: e.train_into_run("--data", str(e.official), "--ema-decay", "1"),
+        "ema_decay must be in [0, 1)",
+    ),
+    (
+        "bench-target-percent",
+        "config",
+        "bench --target 67 (a percentage, not a fraction)",
+        lambda e: ["bench", "--to-target", "--target", "67", "--data", str(e.official), "--out", str(e.run)],
+        "--target 67.0 is not an accuracy",
+    ),
+    (
         "config-bad-yaml",
         "config",
         "YAML that does not parse",

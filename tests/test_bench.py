@@ -9,6 +9,8 @@ import pytest
 
 from cifar_cnn.bench import run_bench, throughput
 
+from .conftest import make_images, write_official_batches
+
 
 def test_flops_of_seed_cnn_by_hand() -> None:
     r = throughput("seed", steps=2, warmup=1, device="cpu", batch_size=8)
@@ -28,3 +30,31 @@ def test_bench_end_to_end(tmp_path: Path, official_dir: Path) -> None:
     assert saved["runs"][0]["wall_s"] > 0 and result["throughput"][0]["model"] == "seed_cnn"
     md = (out / "bench.md").read_text()
     assert "| seed | seed_cnn |" in md and "| seed | 0 |" in md
+
+
+def test_time_to_target(tmp_path: Path) -> None:
+    x, y = make_images(120, seed=1)  # 1,200 training images: the quick recipe's batch of 1,000 fits
+    tx, ty = make_images(20, seed=2)
+    data = write_official_batches(tmp_path / "cifar-10-batches-py", x, y, tx, ty)
+    out = tmp_path / "bench"
+    result = run_bench(out, recipes=["seed", "quick"], seeds=[0], data=str(data), to_target=True,
+                       probe_images=960, device="cpu", threads=1, log=lambda m: None)
+    saved = json.loads((out / "bench.json").read_text())
+    seed, quick = saved["to_target"]
+    assert seed["recipe"] == "seed" and seed["probe_every_steps"] == 48  # one probe per epoch of 960 images
+    steps = [p["step"] for p in seed["curve"]]
+    assert steps == [48 * e for e in range(1, 11)]
+    assert all(b["seconds"] > a["seconds"] for a, b in zip(seed["curve"], seed["curve"][1:]))
+    # the target is the seed recipe's final test accuracy (best.pt), which one of its probes measured too
+    assert seed["target"] == seed["final_accuracy"]
+    assert any(abs(p["accuracy"] - seed["final_accuracy"]) < 1e-9 for p in seed["curve"])
+    assert seed["reached"] == next(p for p in seed["curve"] if p["accuracy"] >= seed["target"])
+    assert quick["target"] == seed["target"] and quick["final_accuracy"] is None
+    if quick["reached"]:  # the run stops at the first probe that reaches the target
+        assert quick["curve"][-1] == quick["reached"] and quick["reached"]["accuracy"] >= quick["target"]
+        assert all(p["accuracy"] < quick["target"] for p in quick["curve"][:-1])
+        assert "seed recipe / quick" in result["to_target_ratios"][0]
+    else:
+        assert len(quick["curve"]) == 6  # one step per epoch, 6 epochs, all probed
+    md = (out / "bench.md").read_text()
+    assert f"| seed | 0 | {100 * seed['target']:.2f}% |" in md

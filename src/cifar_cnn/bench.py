@@ -1,6 +1,7 @@
 """Benchmarks: throughput (train and inference img/s, achieved TFLOP/s, peak memory) of each recipe's model, and
 time-to-accuracy of whole recipe runs, with the seed recipe measured side by side in the same invocation so the
-ratio holds on a noisy machine. Writes bench.json and bench.md into the output folder.
+ratio holds on a noisy machine, and time-to-target (`--to-target`): test accuracy measured during training, the time
+at which each recipe first reaches the seed recipe's final test accuracy. Writes bench.json and bench.md.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import transfer
 from .checkpoint import atomic_write_text
 from .config import resolve_config
+from .data import load_dataset
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
 from .engine import optimizer_for
+from .engine import train as train_run
 from .errors import CifarCnnError
-from .evaluate import tta_logits
+from .evaluate import evaluate, tta_logits
 from .models import create_model
 from .recipes import RECIPES
 from .runinfo import git_commit
@@ -159,6 +163,146 @@ def time_to_accuracy(recipe: str, seed: int, data: str, out: Path, extra: list[s
     }
 
 
+def time_to_target(
+    recipe: str,
+    seed: int,
+    data: str,
+    out: Path,
+    *,
+    target: float | None,
+    probe_images: int = 5000,
+    device: str = "auto",
+    threads: int | None = None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """Test accuracy during one in-process training run of `recipe`, and the time it first reaches `target`.
+
+    Every `probe_images` training images (rounded to whole steps) the weights that the run would save (the EMA
+    with --ema-decay) are evaluated on the test split with the recipe's TTA; the clock stops while they are. Time
+    runs from the call of train(): reading the decode cache, model set-up and training, probes excluded; the
+    interpreter and torch import before it are not counted. With `target` the run stops at the first probe that
+    reaches it; without one it runs to the end and also reports its final test accuracy (best.pt)."""
+    config = resolve_config(recipe, None, {"seed": seed, "device": device})
+    ds = load_dataset(data, home=home, log=lambda m: None)  # the test images; the run reads the cache again, timed
+    mean, std, _ = transfer.resolve_normalization(config, ds.classes, ds.train_images)
+    every = max(1, round(probe_images / config.batch_size))
+    curve: list[dict[str, float]] = []
+    paused = 0.0
+    reached: dict[str, float] | None = None
+
+    def probe(model: torch.nn.Module, step: int) -> None:
+        nonlocal paused, reached
+        if step % every or reached is not None:
+            return
+        t = time.perf_counter()
+        dev = next(model.parameters()).device
+        precision = resolve_precision(config.precision, dev)
+        acc = evaluate(
+            model,
+            ds.test_images,
+            ds.test_labels,
+            ds.classes,
+            mean=mean,
+            std=std,
+            batch_size=config.eval_batch_size,
+            device=dev,
+            precision=precision,
+            channels_last=config.channels_last and precision != "fp32",
+            tta=config.tta,
+        )["accuracy"]
+        point = {"step": step, "images": step * config.batch_size, "seconds": t - started - paused, "accuracy": acc}
+        curve.append(point)
+        if target is not None and acc >= target:
+            reached = point
+        paused += time.perf_counter() - t
+
+    started = time.perf_counter()
+    res = train_run(
+        config,
+        data,
+        out / f"{recipe}-seed{seed}-to-target",
+        overwrite=True,
+        threads=threads,
+        home=home,
+        log=lambda m: None,
+        probe=probe,
+        should_stop=lambda: reached is not None,
+        evaluate_test=target is None,
+    )
+    train_s = time.perf_counter() - started - paused
+    final = res.get("test_metrics", {}).get("accuracy")
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "target": target,
+        "reached": reached,
+        "final_accuracy": final,
+        "train_s": train_s,  # the whole run's training time (probes and final test excluded)
+        "probe_every_steps": every,
+        "tta": config.tta,
+        "curve": curve,
+    }
+
+
+def to_target_bench(
+    recipes: list[str],
+    seeds: list[int],
+    data: str,
+    out: Path,
+    *,
+    target: float | None = None,
+    probe_images: int = 5000,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The seed recipe first, trained to the end: its mean final test accuracy is the target (unless `target` is
+    given) and its time to reach it the baseline; then every other recipe until it reaches the target."""
+    import torch._dynamo  # noqa: F401  (torch's optimizers import it on first use: ~1 s that only the first run pays)
+
+    runs: list[dict[str, Any]] = []
+    base_runs: list[dict[str, Any]] = []
+    if "seed" in recipes:
+        for seed in seeds:
+            r = time_to_target(
+                "seed", seed, data, out, target=None, probe_images=probe_images, device=device, threads=threads
+            )
+            base_runs.append(r)
+        target = target if target is not None else statistics.mean(r["final_accuracy"] for r in base_runs)
+        for r in base_runs:  # the first probe at the target; the seed recipe's best.pt epoch is one of them
+            r["target"] = target
+            r["reached"] = next((p for p in r["curve"] if p["accuracy"] >= target), None)
+            log(f"to target seed seed {r['seed']}: final {100 * r['final_accuracy']:.2f}%, " + _reached(r))
+        runs += base_runs
+    if target is None:
+        raise CifarCnnError("bench --to-target: include the seed recipe in --recipes, or give --target")
+    for recipe in [r for r in recipes if r != "seed"]:
+        for seed in seeds:
+            r = time_to_target(
+                recipe, seed, data, out, target=target, probe_images=probe_images, device=device, threads=threads
+            )
+            log(f"to target {recipe} seed {seed}: " + _reached(r))
+            runs.append(r)
+    ratios = []
+    base = [r["reached"]["seconds"] for r in base_runs if r["reached"]]
+    for recipe in [r for r in recipes if r != "seed"]:
+        mine = [r["reached"]["seconds"] for r in runs if r["recipe"] == recipe and r["reached"]]
+        if base and mine and len(mine) == len(seeds):
+            ratios.append(
+                f"time to {100 * target:.2f}%: seed recipe / {recipe} = {statistics.median(base):.1f} s / "
+                f"{statistics.median(mine):.1f} s = {statistics.median(base) / statistics.median(mine):.2f}x "
+                "(medians, same invocation, probes excluded)"
+            )
+    return runs, ratios
+
+
+def _reached(r: dict[str, Any]) -> str:
+    p = r["reached"]
+    if p is None:
+        return f"did not reach {100 * r['target']:.2f}% in {r['train_s']:.1f} s"
+    return f"{100 * p['accuracy']:.2f}% >= {100 * r['target']:.2f}% after {p['seconds']:.1f} s ({p['images']} images)"
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -206,6 +350,21 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['recipe']} | {r['seed']} | {acc} | {r['tta']} | {r['wall_s']:.0f} |")
         for ratio in result.get("ratios", []):
             lines.append(f"\n{ratio}")
+        lines.append("")
+    if result.get("to_target"):
+        lines += [
+            "| recipe | seed | target | reached | after (s) | images | probes every (steps) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["to_target"]:
+            p = r["reached"]
+            lines.append(
+                f"| {r['recipe']} | {r['seed']} | {100 * r['target']:.2f}% | "
+                + (f"{100 * p['accuracy']:.2f}% | {p['seconds']:.1f} | {p['images']}" if p else "no | - | -")
+                + f" | {r['probe_every_steps']} |"
+            )
+        for ratio in result.get("to_target_ratios", []):
+            lines.append(f"\n{ratio}")
     return "\n".join(lines) + "\n"
 
 
@@ -216,16 +375,28 @@ def run_bench(
     seeds: list[int],
     data: str | None,
     throughput_only: bool = False,
+    to_target: bool = False,
+    target: float | None = None,
+    probe_images: int = 5000,
     steps: int = 5,
     device: str = "auto",
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Throughput of every recipe's model, then (with `data`) each recipe run per seed; the seed recipe always runs
-    first when timing, so its time and the others' come from the same invocation."""
+    first when timing, so its time and the others' come from the same invocation. `to_target`: instead of whole
+    runs, the time each recipe takes to reach the seed recipe's final test accuracy (see to_target_bench)."""
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise CifarCnnError(f"bench: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    if target is not None and not 0 < target <= 1:
+        raise CifarCnnError(f"bench: --target {target} is not an accuracy; give a fraction in (0, 1], e.g. 0.67")
+    if probe_images < 1:
+        raise CifarCnnError(f"bench: --probe-images {probe_images} must be at least 1")
+    if not throughput_only and not data:
+        raise CifarCnnError("bench: time-to-accuracy runs need --data (or pass --throughput-only)")
+    if to_target and target is None and "seed" not in recipes:
+        raise CifarCnnError("bench --to-target: include the seed recipe in --recipes, or give --target")
     tune_allocator()
     set_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,9 +408,11 @@ def run_bench(
             f"inference {r['infer_img_per_s']:.0f} img/s ({r['infer_tflops']:.3f} TFLOP/s)"
         )
         result["throughput"].append(r)
-    if not throughput_only:
-        if not data:
-            raise CifarCnnError("bench: time-to-accuracy runs need --data (or pass --throughput-only)")
+    if to_target and not throughput_only:
+        result["to_target"], result["to_target_ratios"] = to_target_bench(
+            recipes, seeds, data, out, target=target, probe_images=probe_images, device=device, threads=threads, log=log
+        )
+    elif not throughput_only:
         extra = ["--device", device] + (["--threads", str(threads)] if threads else [])
         order = (["seed"] if "seed" in recipes else []) + [r for r in recipes if r != "seed"]
         for recipe in order:

@@ -753,6 +753,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=[int(s) for s in args.seeds.split(",")],
         data=args.data,
         throughput_only=args.throughput_only,
+        to_target=args.to_target,
+        target=args.target,
+        probe_images=args.probe_images,
         steps=args.steps,
         device=args.device,
         threads=args.threads,
@@ -780,6 +783,14 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the time-to-accuracy runs")
     p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where bench.json and bench.md go")
     p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
+    p.add_argument(
+        "--to-target",
+        action="store_true",
+        help="instead of whole runs: test accuracy during training, and the time each recipe takes to reach the "
+        "seed recipe's final test accuracy (probes excluded from the time)",
+    )
+    p.add_argument("--target", type=float, default=None, help="--to-target: this accuracy (0-1) instead")
+    p.add_argument("--probe-images", type=int, default=5000, help="--to-target: test every N images")
     p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_bench)

@@ -63,6 +63,11 @@ class TrainConfig:
     step_epochs: float = _f(30.0, "step schedule: multiply the LR by step_gamma every this many epochs")
     step_gamma: float = _f(0.1, "step schedule: the factor")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
+    ema_decay: float = _f(
+        0.0,
+        "keep an exponential moving average of the weights with this decay per step (0: off; e.g. 0.99); "
+        "validation, best.pt and the test use the average, last.pt keeps both",
+    )
     loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", ("mean", "sum"))
     val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
     subset: int = _f(0, "use only this many training images, stratified (0: all)")
@@ -251,6 +256,7 @@ def validate(c: TrainConfig) -> TrainConfig:
         (0 <= c.val_split < 1, "val_split must be in [0, 1)"),
         (c.subset >= 0, "subset must be >= 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+        (0 <= c.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (c.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (c.step_epochs > 0, "step_epochs must be positive"),

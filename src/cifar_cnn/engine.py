@@ -1,7 +1,8 @@
 """The training engine: `train()` runs a whole training into a run directory; `train_one_epoch()` is one pass.
 
 A run directory holds config.yaml (the resolved config), metrics.csv (one row per epoch), best.pt (lowest validation
-loss so far; the final weights when there is no validation split), last.pt (every epoch, for --resume),
+loss so far; the final weights when there is no validation split; with --ema-decay the averaged weights),
+last.pt (every epoch, for --resume),
 test_metrics.json (best.pt on the test split, as `evaluate --json` prints it) and run.json (provenance).
 """
 
@@ -36,6 +37,7 @@ from .config import TrainConfig, apply, to_yaml, validate
 from .data import Splits, load_dataset, make_splits
 from .data.pipeline import Augment, TensorLoader, normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
+from .ema import WeightEMA
 from .errors import CifarCnnError
 from .evaluate import evaluate, predict_logits
 from .metrics import classification_metrics
@@ -253,6 +255,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress: TrainProgress | None = None,
     evaluate_test: bool = True,
+    probe: Callable[[nn.Module, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train `config` on `data` into the run directory `out`; returns test metrics and the run's paths.
 
@@ -261,6 +264,8 @@ def train(
     it returns True a resumable last.pt is written and training stops (status 'interrupted'). `progress` (see
     cifar_cnn.progress: a bar, TensorBoard) is told when each epoch starts, after each step and when each epoch ends.
     `evaluate_test=False` skips the final test evaluation (hyper-parameter search selects on validation only).
+    `probe(model, steps_done)` is called after every optimizer step (benchmarks measure test accuracy during
+    training with it; it must leave the model in training mode and its weights untouched).
     Under torchrun this process joins the data-parallel group; only rank 0 writes (see cifar_cnn.distributed).
     """
     started = time.perf_counter()
@@ -270,7 +275,7 @@ def train(
     if dist.is_main:
         check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
     else:  # only rank 0 speaks and writes
-        log, progress = (lambda _: None), None
+        log, progress, probe = (lambda _: None), None, None
     should_stop = dist.agreed(should_stop)  # every rank stops at the same step
     if threads is None and ckpt is not None and ckpt.get("threads"):
         # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
@@ -321,6 +326,11 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # an average of the weights (config.ema_decay) is what validation, best.pt and the test use; rank 0 keeps it
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 and dist.is_main else None
+    if ema is not None and ckpt is not None and ckpt.get("ema_state"):
+        ema.load_state_dict(ckpt["ema_state"])
+    eval_model = ema.module if ema is not None else model
     optimizer = optimizer_for(model, config, len(loader))
     peak_lrs = [g["lr"] for g in optimizer.param_groups]
     if ckpt is not None:
@@ -395,7 +405,13 @@ def train(
             state["cuda"] = torch.cuda.get_rng_state(device)
         return state
 
-    def payload(epoch: int, batch_in_epoch: int, metrics: dict, note: str, epoch_totals: EpochTotals | None) -> dict:
+    def payload(
+        epoch: int, batch_in_epoch: int, metrics: dict, note: str, epoch_totals: EpochTotals | None, final: bool = False
+    ) -> dict:
+        """A checkpoint: `final` ones (best.pt) hold the weights that are evaluated (the average, with EMA); the
+        others hold the trained weights and the average beside them, to resume from."""
+        if final and ema is not None:
+            note += f" (exponential moving average of the weights, decay {ema.decay})"
         return {
             **common,
             "epoch": epoch,
@@ -404,7 +420,8 @@ def train(
             "metrics": metrics,
             "history": [dict(r) for r in history],
             "best_val_loss": best_val_loss,
-            "model_state": unwrap_state_dict(model),
+            "model_state": unwrap_state_dict(eval_model if final else model),
+            "ema_state": ema.state_dict() if ema is not None and not final else None,
             "optimizer_state": optimizer.state_dict(),
             "scheduler_state": {"schedule": config.schedule, "step": epoch * len(loader) + batch_in_epoch},
             "rng_state": rng_state(),
@@ -416,8 +433,12 @@ def train(
     interrupted = False
 
     def stopping(step: int = 0, t: EpochTotals | None = None) -> bool:
+        if ema is not None and t is not None:
+            ema.update(model)
         if progress is not None and t is not None:
             progress.step(step, t)
+        if probe is not None and t is not None:
+            probe(eval_model, epoch * len(loader) + step + 1)
         return should_stop is not None and should_stop()
 
     for epoch in range(start_epoch, config.epochs):
@@ -470,7 +491,7 @@ def train(
         }
         if len(splits.val_labels):
             val = evaluate(
-                model,
+                eval_model,
                 splits.val_images,
                 splits.val_labels,
                 splits.classes,
@@ -495,9 +516,10 @@ def train(
             best_val_loss = row["val_loss"]
         metrics = {k: row[k] for k in METRICS_HEADER}
         if improved:
-            save_checkpoint(paths.best, payload(epoch + 1, 0, metrics, "lowest validation loss so far", None))
+            save_checkpoint(paths.best, payload(epoch + 1, 0, metrics, "lowest validation loss so far", None, True))
         elif row["val_loss"] is None:
-            save_checkpoint(paths.best, payload(epoch + 1, 0, metrics, "final weights (no validation split)", None))
+            note = "final weights (no validation split)"
+            save_checkpoint(paths.best, payload(epoch + 1, 0, metrics, note, None, True))
         save_checkpoint(paths.last, payload(epoch + 1, 0, metrics, "end of epoch", None))
         write_metrics_csv(paths.metrics, history)
         if progress is not None:
