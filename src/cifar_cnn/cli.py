@@ -789,8 +789,8 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
         help="instead of whole runs: test accuracy during training, and the time each recipe takes to reach the "
         "seed recipe's final test accuracy (probes excluded from the time)",
     )
-    p.add_argument("--target", type=float, default=None, help="--to-target: this accuracy (0-1) instead")
-    p.add_argument("--probe-images", type=int, default=5000, help="--to-target: test every N images")
+    p.add_argument("--target", type=float, default=None, metavar="ACC", help="--to-target: this accuracy (0-1) instead")
+    p.add_argument("--probe-images", type=int, default=5000, metavar="N", help="--to-target: test every N images")
     p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_bench)
