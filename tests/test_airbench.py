@@ -9,6 +9,7 @@ import torch
 
 from cifar_cnn import load_checkpoint, resolve_config, train
 from cifar_cnn.data.pipeline import Augment, TensorLoader
+from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.models import create_model
 from cifar_cnn.optim import Muon, OptimizerSet, build_optimizer, newton_schulz
 from cifar_cnn.recipes import RECIPES
@@ -176,7 +177,7 @@ def test_training_with_ema_saves_the_average_of_the_trained_weights(tmp_path: Pa
         seen: list[dict[str, torch.Tensor]] = []
         cfg = resolve_config("quick", None, {**over, "ema_decay": ema_decay})
         train(cfg, str(official_dir), tmp_path / name, log=lambda m: None, threads=1,
-              probe=lambda model, step: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
+              probe=lambda model, step, per_epoch: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
         return seen
 
     trained, averaged = run("plain", 0.0), run("ema", 0.5)
@@ -213,5 +214,7 @@ def test_ema_run_resumes_bit_identical(tmp_path: Path, official_dir: Path) -> No
     assert stopped["ema_state"]["updates"] == 5 and stopped["batch_in_epoch"] == 1  # inside epoch 2
     train(cfg, str(official_dir), part, resume=part / "last.pt", log=lambda m: None, threads=1)
     a, b = load_checkpoint(tmp_path / "a" / "best.pt"), load_checkpoint(part / "best.pt")
+    with pytest.raises(CifarCnnError, match="averaged .EMA. weights"):  # best.pt is not where training stood
+        train(cfg, str(official_dir), tmp_path / "c", resume=tmp_path / "a" / "best.pt", log=lambda m: None)
     for k in a["model_state"]:
         assert torch.equal(a["model_state"][k], b["model_state"][k]), k

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_cnn.bench import run_bench, throughput
 
@@ -38,12 +39,12 @@ def test_time_to_target(tmp_path: Path) -> None:
     data = write_official_batches(tmp_path / "cifar-10-batches-py", x, y, tx, ty)
     out = tmp_path / "bench"
     result = run_bench(out, recipes=["seed", "quick"], seeds=[0], data=str(data), to_target=True,
-                       probe_images=960, device="cpu", threads=1, log=lambda m: None)
+                       probe_images=700, device="cpu", threads=1, log=lambda m: None)
     saved = json.loads((out / "bench.json").read_text())
     seed, quick = saved["to_target"]
-    assert seed["recipe"] == "seed" and seed["probe_every_steps"] == 48  # one probe per epoch of 960 images
-    steps = [p["step"] for p in seed["curve"]]
-    assert steps == [48 * e for e in range(1, 11)]
+    assert seed["recipe"] == "seed" and seed["probe_every_steps"] == 35  # 700 images in steps of 20
+    steps = [p["step"] for p in seed["curve"]]  # every 35 steps, and at the end of each epoch of 960 images
+    assert steps == sorted({35 * k for k in range(1, 14)} | {48 * e for e in range(1, 11)})
     assert all(b["seconds"] > a["seconds"] for a, b in zip(seed["curve"], seed["curve"][1:]))
     # the target is the seed recipe's final test accuracy (best.pt), which one of its probes measured too
     assert seed["target"] == seed["final_accuracy"]
@@ -58,3 +59,20 @@ def test_time_to_target(tmp_path: Path) -> None:
         assert len(quick["curve"]) == 6  # one step per epoch, 6 epochs, all probed
     md = (out / "bench.md").read_text()
     assert f"| seed | 0 | {100 * seed['target']:.2f}% |" in md
+
+
+def test_time_to_target_stops_at_the_target_with_overrides(tmp_path: Path) -> None:
+    x, y = make_images(120, seed=1)
+    tx, ty = make_images(20, seed=2)
+    data = write_official_batches(tmp_path / "cifar-10-batches-py", x, y, tx, ty)
+    out = tmp_path / "bench"
+    result = run_bench(out, recipes=["quick"], seeds=[0], data=str(data), to_target=True, target=1e-6,
+                       overrides={"ema_decay": 0.5, "epochs": 3}, device="cpu", threads=1, log=lambda m: None)
+    (quick,) = result["to_target"]
+    # one step per epoch (1,200 images, batch 1,000): the first probe is at step 1 and reaches any accuracy > 0
+    assert quick["curve"] == [quick["reached"]] and quick["reached"]["step"] == 1 and quick["final_accuracy"] is None
+    run = out / "quick-seed0-to-target"
+    assert "ema_decay: 0.5" in (run / "config.yaml").read_text() and "epochs: 3" in (run / "config.yaml").read_text()
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["ema_state"]["updates"] == 1 and last["batch_in_epoch"] == 0 and last["epoch"] == 1
+    assert json.loads((out / "bench.json").read_text())["overrides"] == {"ema_decay": 0.5, "epochs": 3}

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import transfer
@@ -27,7 +28,7 @@ from .checkpoint import atomic_write_text
 from .config import resolve_config
 from .data import load_dataset
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
-from .engine import optimizer_for
+from .engine import evaluate_checkpoint, optimizer_for
 from .engine import train as train_run
 from .errors import CifarCnnError
 from .evaluate import evaluate, tta_logits
@@ -174,15 +175,17 @@ def time_to_target(
     device: str = "auto",
     threads: int | None = None,
     home: Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Test accuracy during one in-process training run of `recipe`, and the time it first reaches `target`.
 
-    Every `probe_images` training images (rounded to whole steps) the weights that the run would save (the EMA
-    with --ema-decay) are evaluated on the test split with the recipe's TTA; the clock stops while they are. Time
-    runs from the call of train(): reading the decode cache, model set-up and training, probes excluded; the
-    interpreter and torch import before it are not counted. With `target` the run stops at the first probe that
-    reaches it; without one it runs to the end and also reports its final test accuracy (best.pt)."""
-    config = resolve_config(recipe, None, {"seed": seed, "device": device})
+    Every `probe_images` training images (rounded to whole steps) and at the end of every epoch, the weights that
+    the run would save (the average, for a config with ema_decay) are evaluated on the test split with the recipe's
+    TTA; the clock stops while they are. Time runs from the call of train(): reading the decode cache, model set-up,
+    training and whatever the recipe does each epoch (validation, checkpoints), probes excluded; the interpreter and
+    torch import before it are not counted. With `target` the run stops at the first probe that reaches it; without
+    one it runs to the end and its final test accuracy (best.pt, evaluated after the clock stopped) is reported."""
+    config = resolve_config(recipe, None, {**(overrides or {}), "seed": seed, "device": device})
     ds = load_dataset(data, home=home, log=lambda m: None)  # the test images; the run reads the cache again, timed
     mean, std, _ = transfer.resolve_normalization(config, ds.classes, ds.train_images)
     every = max(1, round(probe_images / config.batch_size))
@@ -190,9 +193,9 @@ def time_to_target(
     paused = 0.0
     reached: dict[str, float] | None = None
 
-    def probe(model: torch.nn.Module, step: int) -> None:
+    def probe(model: torch.nn.Module, step: int, steps_per_epoch: int) -> None:
         nonlocal paused, reached
-        if step % every or reached is not None:
+        if (step % every and step % steps_per_epoch) or reached is not None:
             return
         t = time.perf_counter()
         dev = next(model.parameters()).device
@@ -216,21 +219,26 @@ def time_to_target(
             reached = point
         paused += time.perf_counter() - t
 
+    run_dir = out / f"{recipe}-seed{seed}-to-target"
     started = time.perf_counter()
-    res = train_run(
+    train_run(
         config,
         data,
-        out / f"{recipe}-seed{seed}-to-target",
+        run_dir,
         overwrite=True,
         threads=threads,
         home=home,
         log=lambda m: None,
         probe=probe,
         should_stop=lambda: reached is not None,
-        evaluate_test=target is None,
+        evaluate_test=False,
     )
     train_s = time.perf_counter() - started - paused
-    final = res.get("test_metrics", {}).get("accuracy")
+    final = None
+    if target is None:  # what `cifar-cnn train` writes to test_metrics.json, outside the clock
+        final = evaluate_checkpoint(
+            run_dir / "best.pt", data, device=device, batch_size=config.eval_batch_size, home=home, log=lambda m: None
+        )["accuracy"]
     return {
         "recipe": recipe,
         "seed": seed,
@@ -254,10 +262,12 @@ def to_target_bench(
     probe_images: int = 5000,
     device: str = "auto",
     threads: int | None = None,
+    overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The seed recipe first, trained to the end: its mean final test accuracy is the target (unless `target` is
-    given) and its time to reach it the baseline; then every other recipe until it reaches the target."""
+    given) and its time to reach it the baseline; then every other recipe, with `overrides` (config values; the
+    baseline stays as it is), until it reaches the target."""
     import torch._dynamo  # noqa: F401  (torch's optimizers import it on first use: ~1 s that only the first run pays)
 
     runs: list[dict[str, Any]] = []
@@ -279,7 +289,15 @@ def to_target_bench(
     for recipe in [r for r in recipes if r != "seed"]:
         for seed in seeds:
             r = time_to_target(
-                recipe, seed, data, out, target=target, probe_images=probe_images, device=device, threads=threads
+                recipe,
+                seed,
+                data,
+                out,
+                target=target,
+                probe_images=probe_images,
+                device=device,
+                threads=threads,
+                overrides=overrides,
             )
             log(f"to target {recipe} seed {seed}: " + _reached(r))
             runs.append(r)
@@ -379,6 +397,7 @@ def run_bench(
     to_target: bool = False,
     target: float | None = None,
     probe_images: int = 5000,
+    overrides: dict[str, Any] | None = None,
     steps: int = 5,
     device: str = "auto",
     threads: int | None = None,
@@ -386,7 +405,8 @@ def run_bench(
 ) -> dict[str, Any]:
     """Throughput of every recipe's model, then (with `data`) each recipe run per seed; the seed recipe always runs
     first when timing, so its time and the others' come from the same invocation. `to_target`: instead of whole
-    runs, the time each recipe takes to reach the seed recipe's final test accuracy (see to_target_bench)."""
+    runs, the time each recipe takes to reach the seed recipe's final test accuracy (see to_target_bench).
+    `overrides` (config values, e.g. {"ema_decay": 0.95}) apply to every recipe but the seed baseline."""
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise CifarCnnError(f"bench: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
@@ -396,12 +416,22 @@ def run_bench(
         raise CifarCnnError(f"bench: --probe-images {probe_images} must be at least 1")
     if not throughput_only and not data:
         raise CifarCnnError("bench: time-to-accuracy runs need --data (or pass --throughput-only)")
+    overrides = dict(overrides or {})
+    for recipe in recipes:
+        if recipe != "seed":
+            resolve_config(recipe, None, overrides)  # unknown keys and bad values fail now, not after the baseline
     if to_target and target is None and "seed" not in recipes:
         raise CifarCnnError("bench --to-target: include the seed recipe in --recipes, or give --target")
     tune_allocator()
     set_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": machine(), "throughput": [], "runs": [], "ratios": []}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "overrides": overrides,
+        "throughput": [],
+        "runs": [],
+        "ratios": [],
+    }
     for recipe in recipes:
         r = throughput(recipe, steps=steps, device=device)
         log(
@@ -411,14 +441,26 @@ def run_bench(
         result["throughput"].append(r)
     if to_target and not throughput_only:
         result["to_target"], result["to_target_ratios"] = to_target_bench(
-            recipes, seeds, data, out, target=target, probe_images=probe_images, device=device, threads=threads, log=log
+            recipes,
+            seeds,
+            data,
+            out,
+            target=target,
+            probe_images=probe_images,
+            device=device,
+            threads=threads,
+            overrides=overrides,
+            log=log,
         )
     elif not throughput_only:
         extra = ["--device", device] + (["--threads", str(threads)] if threads else [])
+        if overrides:  # a config file sits between the recipe and the command line
+            atomic_write_text(out / "overrides.yaml", yaml.safe_dump(overrides))
         order = (["seed"] if "seed" in recipes else []) + [r for r in recipes if r != "seed"]
         for recipe in order:
             for seed in seeds:
-                r = time_to_accuracy(recipe, seed, data, out, extra)
+                more = ["--config", str(out / "overrides.yaml")] if overrides and recipe != "seed" else []
+                r = time_to_accuracy(recipe, seed, data, out, extra + more)
                 log(f"{recipe} seed {seed}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s")
                 result["runs"].append(r)
         seed_runs = [r for r in result["runs"] if r["recipe"] == "seed"]

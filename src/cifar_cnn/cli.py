@@ -127,14 +127,23 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {name: getattr(args, name) for name in FIELDS if name not in ("recipe", "model_args") and hasattr(args, name)}
-    model_args: dict[str, Any] = {}
-    for item in args.model_arg:
+def _key_values(items: list[str], option: str, example: str) -> dict[str, Any]:
+    """KEY=VALUE strings as a dict; each value is read as YAML (0.95, true, [1, 2], text)."""
+    out: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CifarCnnError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg dropout=0.1")
-        model_args[key] = yaml.safe_load(value)
+            raise CifarCnnError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} {example}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CifarCnnError(f"{option} {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {name: getattr(args, name) for name in FIELDS if name not in ("recipe", "model_args") and hasattr(args, name)}
+    model_args = _key_values(args.model_arg, "--model-arg", "dropout=0.1")
     if hasattr(args, "dropout"):
         model_args["dropout"] = args.dropout
     if model_args:
@@ -756,6 +765,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         to_target=args.to_target,
         target=args.target,
         probe_images=args.probe_images,
+        overrides=_key_values(args.set, "--set", "ema_decay=0.95"),
         steps=args.steps,
         device=args.device,
         threads=args.threads,
@@ -791,6 +801,13 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target", type=float, default=None, metavar="ACC", help="--to-target: this accuracy (0-1) instead")
     p.add_argument("--probe-images", type=int, default=5000, metavar="N", help="--to-target: test every N images")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value for every recipe but the seed baseline (repeatable), e.g. --set ema_decay=0.95",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_bench)

@@ -255,7 +255,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress: TrainProgress | None = None,
     evaluate_test: bool = True,
-    probe: Callable[[nn.Module, int], None] | None = None,
+    probe: Callable[[nn.Module, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train `config` on `data` into the run directory `out`; returns test metrics and the run's paths.
 
@@ -264,8 +264,8 @@ def train(
     it returns True a resumable last.pt is written and training stops (status 'interrupted'). `progress` (see
     cifar_cnn.progress: a bar, TensorBoard) is told when each epoch starts, after each step and when each epoch ends.
     `evaluate_test=False` skips the final test evaluation (hyper-parameter search selects on validation only).
-    `probe(model, steps_done)` is called after every optimizer step (benchmarks measure test accuracy during
-    training with it; it must leave the model in training mode and its weights untouched).
+    `probe(model, steps_done, steps_per_epoch)` is called after every optimizer step with the weights that would be
+    saved (benchmarks measure test accuracy during training with it; it must leave the model as it found it).
     Under torchrun this process joins the data-parallel group; only rank 0 writes (see cifar_cnn.distributed).
     """
     started = time.perf_counter()
@@ -328,6 +328,10 @@ def train(
         model.to(memory_format=torch.channels_last)
     # an average of the weights (config.ema_decay) is what validation, best.pt and the test use; rank 0 keeps it
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 and dist.is_main else None
+    if ckpt is not None and ckpt.get("config", {}).get("ema_decay", 0) > 0 and ckpt.get("ema_state") is None:
+        raise CifarCnnError(
+            f"{resume}: holds the averaged (EMA) weights of its run, not the trained ones; resume from its last.pt"
+        )
     if ema is not None and ckpt is not None and ckpt.get("ema_state"):
         ema.load_state_dict(ckpt["ema_state"])
     eval_model = ema.module if ema is not None else model
@@ -438,7 +442,7 @@ def train(
         if progress is not None and t is not None:
             progress.step(step, t)
         if probe is not None and t is not None:
-            probe(eval_model, epoch * len(loader) + step + 1)
+            probe(eval_model, epoch * len(loader) + step + 1, len(loader))
         return should_stop is not None and should_stop()
 
     for epoch in range(start_epoch, config.epochs):
