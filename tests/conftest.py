@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,16 @@ def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("CIFAR_CNN_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def set_umask() -> Iterator[Callable[[int], None]]:
+    """Set the process umask for one test (`set_umask(0o027)`) and restore the original afterwards."""
+    original = os.umask(0o022)
+    try:
+        yield lambda mask: os.umask(mask) and None
+    finally:
+        os.umask(original)
 
 
 def make_images(per_class: int, num_classes: int = 10, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -122,6 +122,12 @@ def other_classes_data(e: Env) -> Path:
     return write_official_batches(e.tmp / "three", x, y, x, y, classes=["p", "q", "r"])
 
 
+def same_classes_other_pixels(e: Env) -> Path:
+    """The finished run's data (see finished_run) with every training pixel inverted: same classes and counts."""
+    x, y = make_images(20, seed=1)
+    return write_official_batches(e.tmp / "inverted", 255 - x, y, x[:50], y[:50])
+
+
 # (id, area, what, argv builder, fragment the message must contain)
 Case = tuple[str, str, str, Callable[[Env], list[str]], str]
 CASES: list[Case] = [
@@ -550,6 +556,21 @@ CASES: list[Case] = [
         "differ from the data",
     ),
     (
+        "resume-other-content",
+        "checkpoints",
+        "--resume with --data of the same classes and counts but other images",
+        lambda e: [
+            "train",
+            "--resume",
+            str(e.run / "last.pt"),
+            "--epochs",
+            "2",
+            "--data",
+            str(same_classes_other_pixels(e)),
+        ],
+        "content hash differs",
+    ),
+    (
         "resume-with-recipe",
         "checkpoints",
         "--resume together with --recipe",
@@ -579,24 +600,143 @@ def streamed_body(total: int) -> dict[str, Any]:
 # (id, area, what, request builder (httpx.request arguments; POST /predict unless it says), status, message fragment)
 HttpCase = tuple[str, str, str, Callable[[], dict[str, Any]], int, str]
 HTTP_CASES: list[HttpCase] = [
-    ("http-not-an-image", "http", "a text file uploaded as the image", lambda: upload(b"hello, I am not a picture", "notes.txt"), 422, "notes.txt: not a readable image"),
+    (
+        "http-not-an-image",
+        "http",
+        "a text file uploaded as the image",
+        lambda: upload(b"hello, I am not a picture", "notes.txt"),
+        422,
+        "notes.txt: not a readable image",
+    ),
     ("http-empty-upload", "http", "an empty file", lambda: upload(b"", "empty.png"), 400, "empty.png: empty upload"),
-    ("http-oversized", "http", "an image 4 KiB over the 1 MiB limit", lambda: upload(bytes(MIB + 4096), "big.jpg"), 413, "big.jpg: upload too large"),
-    ("http-oversized-body", "http", "a 2 MiB body (refused from its Content-Length)", lambda: upload(bytes(2 * MIB), "huge.jpg"), 413, "upload too large: the limit is 1,048,576 bytes"),
-    ("http-oversized-streamed", "http", "a 2 MiB body sent chunked, without Content-Length", lambda: streamed_body(2 * MIB), 413, "upload too large"),
-    ("http-decompression-bomb", "http", "a PNG claiming 8000 x 8000 pixels", lambda: upload(png_header_only(8000, 8000), "bomb.png"), 422, "possible decompression bomb"),
-    ("http-truncated-image", "http", "a JPEG cut in half", lambda: upload(_half_jpeg(), "half.jpg"), 422, "half.jpg: unreadable or truncated image"),
-    ("http-unsupported-image", "http", "a DDS file in a pixel format Pillow cannot read", lambda: upload(odd_dds(), "odd.dds"), 422, "odd.dds: unreadable"),
-    ("http-top-k-zero", "http", "?top_k=0", lambda: upload(png(), top_k="0"), 422, "top_k: Input should be greater than or equal to 1 (got '0')"),
-    ("http-top-k-negative", "http", "?top_k=-3", lambda: upload(png(), top_k="-3"), 422, "top_k: Input should be greater than or equal to 1 (got '-3')"),
-    ("http-top-k-not-integer", "http", "?top_k=2.5", lambda: upload(png(), top_k="2.5"), 422, "top_k: Input should be a valid integer"),
-    ("http-top-k-word", "http", "?top_k=five", lambda: upload(png(), top_k="five"), 422, "top_k: Input should be a valid integer"),
-    ("http-top-k-huge", "http", "?top_k= a 5000-digit number (a merely large one, such as 10^20, is clamped to the classes)", lambda: upload(png(), top_k="9" * 5000), 422, "top_k: Unable to parse input string as an integer"),
-    ("http-missing-file", "http", "a form without the file field", lambda: {"data": {"image": "x"}}, 422, "file: no image file"),
-    ("http-file-as-text", "http", "file sent as a text field, not a file", lambda: {"data": {"file": "hello"}}, 422, "file: no image file"),
-    ("http-json-body", "http", "JSON instead of multipart/form-data", lambda: {"json": {"file": "aGVsbG8="}}, 422, "file: no image file"),
-    ("http-raw-image-body", "http", "the image as the raw body (Content-Type: image/png)", lambda: {"content": png(), "headers": {"content-type": "image/png"}}, 422, "file: no image file"),
-    ("http-no-boundary", "http", "multipart/form-data without a boundary", lambda: {"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "Missing boundary"),
+    (
+        "http-oversized",
+        "http",
+        "an image 4 KiB over the 1 MiB limit",
+        lambda: upload(bytes(MIB + 4096), "big.jpg"),
+        413,
+        "big.jpg: upload too large",
+    ),
+    (
+        "http-oversized-body",
+        "http",
+        "a 2 MiB body (refused from its Content-Length)",
+        lambda: upload(bytes(2 * MIB), "huge.jpg"),
+        413,
+        "upload too large: the limit is 1,048,576 bytes",
+    ),
+    (
+        "http-oversized-streamed",
+        "http",
+        "a 2 MiB body sent chunked, without Content-Length",
+        lambda: streamed_body(2 * MIB),
+        413,
+        "upload too large",
+    ),
+    (
+        "http-decompression-bomb",
+        "http",
+        "a PNG claiming 8000 x 8000 pixels",
+        lambda: upload(png_header_only(8000, 8000), "bomb.png"),
+        422,
+        "possible decompression bomb",
+    ),
+    (
+        "http-truncated-image",
+        "http",
+        "a JPEG cut in half",
+        lambda: upload(_half_jpeg(), "half.jpg"),
+        422,
+        "half.jpg: unreadable or truncated image",
+    ),
+    (
+        "http-unsupported-image",
+        "http",
+        "a DDS file in a pixel format Pillow cannot read",
+        lambda: upload(odd_dds(), "odd.dds"),
+        422,
+        "odd.dds: unreadable",
+    ),
+    (
+        "http-top-k-zero",
+        "http",
+        "?top_k=0",
+        lambda: upload(png(), top_k="0"),
+        422,
+        "top_k: Input should be greater than or equal to 1 (got '0')",
+    ),
+    (
+        "http-top-k-negative",
+        "http",
+        "?top_k=-3",
+        lambda: upload(png(), top_k="-3"),
+        422,
+        "top_k: Input should be greater than or equal to 1 (got '-3')",
+    ),
+    (
+        "http-top-k-not-integer",
+        "http",
+        "?top_k=2.5",
+        lambda: upload(png(), top_k="2.5"),
+        422,
+        "top_k: Input should be a valid integer",
+    ),
+    (
+        "http-top-k-word",
+        "http",
+        "?top_k=five",
+        lambda: upload(png(), top_k="five"),
+        422,
+        "top_k: Input should be a valid integer",
+    ),
+    (
+        "http-top-k-huge",
+        "http",
+        "?top_k= a 5000-digit number (a merely large one, such as 10^20, is clamped to the classes)",
+        lambda: upload(png(), top_k="9" * 5000),
+        422,
+        "top_k: Unable to parse input string as an integer",
+    ),
+    (
+        "http-missing-file",
+        "http",
+        "a form without the file field",
+        lambda: {"data": {"image": "x"}},
+        422,
+        "file: no image file",
+    ),
+    (
+        "http-file-as-text",
+        "http",
+        "file sent as a text field, not a file",
+        lambda: {"data": {"file": "hello"}},
+        422,
+        "file: no image file",
+    ),
+    (
+        "http-json-body",
+        "http",
+        "JSON instead of multipart/form-data",
+        lambda: {"json": {"file": "aGVsbG8="}},
+        422,
+        "file: no image file",
+    ),
+    (
+        "http-raw-image-body",
+        "http",
+        "the image as the raw body (Content-Type: image/png)",
+        lambda: {"content": png(), "headers": {"content-type": "image/png"}},
+        422,
+        "file: no image file",
+    ),
+    (
+        "http-no-boundary",
+        "http",
+        "multipart/form-data without a boundary",
+        lambda: {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "Missing boundary",
+    ),
     ("http-wrong-method", "http", "GET /predict", lambda: {"method": "GET"}, 405, "Method Not Allowed"),
 ]
 
@@ -721,7 +861,7 @@ def catalogue_markdown() -> str:
     for i, (cid, area, what, _, fragment) in enumerate(CASES, 1):
         rows.append(f"| {i} | {area} | `{cid}`: {what} | exit code 2, `...{fragment}...` |")
     for i, (cid, area, what, _, status, fragment) in enumerate(HTTP_CASES, len(CASES) + 1):
-        rows.append(f"| {i} | {area} | `{cid}`: {what} | HTTP {status}, `{{\"detail\": \"...{fragment}...\"}}` |")
+        rows.append(f'| {i} | {area} | `{cid}`: {what} | HTTP {status}, `{{"detail": "...{fragment}..."}}` |')
     return "\n".join(rows)
 
 

@@ -30,8 +30,13 @@ def test_help_shows_defaults(cmd: str) -> None:
     proc = run_cli(cmd, "--help")
     assert proc.returncode == 0 and "usage: cifar-cnn " + cmd in proc.stdout
     assert "--threads" in proc.stdout
-    if cmd in ("train", "evaluate", "data"):
-        assert "(default: cifar10)" in " ".join(proc.stdout.split())
+    expected = {
+        "train": "(default: cifar10; with --resume, the run's own source)",
+        "evaluate": "(default: the data the checkpoint's run trained on, else cifar10)",
+        "data": "(default: cifar10)",
+    }
+    if cmd in expected:
+        assert expected[cmd] in " ".join(proc.stdout.split())
 
 
 def test_train_and_evaluate_json(tmp_path: Path, official_dir: Path) -> None:

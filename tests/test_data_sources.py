@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cifar_cnn.data import load_dataset
-from cifar_cnn.data.convert import write_image_folder, write_official
+from .data_writers import write_image_folder, write_official
 from cifar_cnn.data.images import decode_image
 from cifar_cnn.data.sources import Dataset, canonical_order
 from cifar_cnn.errors import CifarCnnError

@@ -13,7 +13,7 @@ import yaml
 
 from cifar_cnn import evaluate_checkpoint, load_checkpoint, model_from_checkpoint, resolve_config, train
 from cifar_cnn.data import load_dataset, make_splits
-from cifar_cnn.engine import RUN_FILES
+from cifar_cnn.rundir import RUN_FILES
 from cifar_cnn.errors import CifarCnnError
 
 

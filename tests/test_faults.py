@@ -18,7 +18,7 @@ import torch
 
 from cifar_cnn.checkpoint import load_checkpoint
 
-from .conftest import ROOT
+from .conftest import CLASSES, ROOT
 
 TRAIN = [
     "--epochs",
@@ -249,3 +249,89 @@ def test_divergence_stops_with_advice(tmp_path: Path, official_dir: Path) -> Non
     assert len(proc.stderr.strip().splitlines()) == 1
     best = load_checkpoint(out / "best.pt")
     assert best["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in best["model_state"].values())
+
+
+def printed_resume_command(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if "resume with: " in line]
+    assert len(lines) == 1, stdout
+    return lines[0].split("resume with: ", 1)[1].strip()
+
+
+def test_the_printed_resume_command_works_from_another_directory(tmp_path: Path, tiny_arrays: dict) -> None:
+    """Training on an image-folder archive given by a relative path, stopped by SIGTERM, resumed by running the printed
+    command verbatim from another working directory (no --data): the run's own data source is used, and the resumed
+    last.pt equals an uninterrupted run's bit for bit. With --no-progress every epoch still prints `epoch N/M`."""
+    from cifar_cnn.data.sources import Dataset
+
+    from .conftest import make_zip
+    from .data_writers import write_image_folder
+
+    a = tiny_arrays
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    tree = write_image_folder(Dataset(a["train_x"], a["train_y"], a["test_x"], a["test_y"], CLASSES), tmp_path / "t")
+    make_zip(tree, here / "pictures.zip")
+    options = ["--data", "pictures.zip", "--no-progress", "--no-report", *TRAIN]
+    reference = subprocess.run(cli("train", "--out", "reference", *options), cwd=here, env=env(), capture_output=True)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen(
+        cli("train", "--out", "run", *options),
+        cwd=here,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    wait_for(here / "run" / "last.pt", proc)  # epoch 1 done: now inside epoch 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch ")] == ["1/4"]
+    command = printed_resume_command(stdout)
+    assert command == f"cifar-cnn train --resume {here / 'run' / 'last.pt'}"
+
+    shim = tmp_path / "bin" / "cifar-cnn"  # the command as a user's shell finds it
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cifar_cnn "$@"\n')
+    shim.chmod(0o755)
+    resumed = subprocess.run(
+        command,
+        shell=True,
+        cwd=elsewhere,
+        env={**env(), "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("epoch ")] == [
+        "2/4",
+        "3/4",
+        "4/4",
+    ]
+    assert_same_weights(here / "run" / "last.pt", here / "reference" / "last.pt")
+    assert_same_weights(here / "run" / "best.pt", here / "reference" / "best.pt")
+    run_json = json.loads((here / "run" / "run.json").read_text())
+    assert run_json["data_source"]["path"] == str(here / "pictures.zip") and run_json["resumes"] == 1
+    assert list(elsewhere.iterdir()) == []  # nothing was written where the command was run
+
+
+def test_resume_on_other_data_is_refused(tmp_path: Path, official_dir: Path, tiny_arrays: dict) -> None:
+    """--data whose decoded data differ from the run's (here: the same classes and counts, other pixels) is refused
+    with one line naming both sources; the run's files are unchanged."""
+    from .conftest import write_official_batches
+
+    out = tmp_path / "run"
+    proc = run("train", "--data", str(official_dir), "--out", str(out), *TRAIN[:1], "1", *TRAIN[2:], "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    a = tiny_arrays
+    other = write_official_batches(tmp_path / "other", 255 - a["train_x"], a["train_y"], a["test_x"], a["test_y"])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = run("train", "--resume", str(out / "last.pt"), "--epochs", "2", "--data", str(other))
+    assert proc.returncode == 2
+    message = proc.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert str(other) in message and str(official_dir) in message and "content hash differs" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

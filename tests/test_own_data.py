@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cifar_cnn import load_checkpoint, resolve_config
-from cifar_cnn.data.convert import write_image_folder
+from .data_writers import write_image_folder
 from cifar_cnn.data.sources import Dataset
 from cifar_cnn.errors import CifarCnnError
-from cifar_cnn.transfer import channel_stats, resolve_input_size, resolve_normalization
+from cifar_cnn.presets import channel_stats, resolve_input_size, resolve_normalization
 
 from .conftest import CLASSES, make_images, run_cli
 

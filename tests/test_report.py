@@ -21,7 +21,7 @@ from PIL import Image
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.engine import EpochTotals
+from cifar_cnn.hooks import EpochTotals
 from cifar_cnn.progress import ProgressBar
 from cifar_cnn.report import build_report, plot_confusion, plot_curves, read_metrics
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifar_cnn import create_model, load_checkpoint, resolve_config, train
-from cifar_cnn.data.convert import write_image_folder
+from .data_writers import write_image_folder
 from cifar_cnn.data.sources import Dataset
 from cifar_cnn.engine import optimizer_for
 from cifar_cnn.errors import CifarCnnError

@@ -8,7 +8,7 @@ The public API that the command line uses and a notebook can call too:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # The names below are imported on first use (PEP 562), so that `import cifar_cnn` and torch-free parts such as
 # `cifar-cnn predict --onnx` work where torch is not installed.
@@ -17,7 +17,7 @@ _LAZY = {
     "model_from_checkpoint": "checkpoint",
     "TrainConfig": "config",
     "resolve_config": "config",
-    "evaluate_checkpoint": "engine",
+    "evaluate_checkpoint": "evaluate",
     "train": "engine",
     "CifarCnnError": "errors",
     "evaluate": "evaluate",
@@ -29,9 +29,9 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .config import TrainConfig, resolve_config
-    from .engine import evaluate_checkpoint, train
+    from .engine import train
     from .errors import CifarCnnError
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_checkpoint
     from .models import create_model, list_models, register_model
 
 

@@ -23,20 +23,19 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import transfer
-from .checkpoint import atomic_write_text
+from . import presets
+from .atomic import atomic_write_text
+from .choices import TTA_VIEWS
 from .config import resolve_config
 from .data import load_dataset
 from .device import autocast, resolve_device, resolve_precision, set_threads, tune_allocator
-from .engine import evaluate_checkpoint, optimizer_for
+from .engine import optimizer_for
 from .engine import train as train_run
 from .errors import CifarCnnError
-from .evaluate import evaluate, tta_logits
+from .evaluate import evaluate, evaluate_checkpoint, tta_logits
 from .models import create_model
 from .recipes import RECIPES
-from .runinfo import git_commit
-
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}
+from .rundir import RunPaths, git_commit, read_run_json
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -150,8 +149,8 @@ def time_to_accuracy(recipe: str, seed: int, data: str, out: Path, extra: list[s
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise CifarCnnError(f"bench: {recipe} seed {seed} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    test = json.loads((run_dir / "test_metrics.json").read_text())
-    run = json.loads((run_dir / "run.json").read_text())
+    test = json.loads(RunPaths(run_dir).test_metrics.read_text())
+    run = read_run_json(run_dir)
     return {
         "recipe": recipe,
         "seed": seed,
@@ -186,8 +185,9 @@ def time_to_target(
     torch import before it are not counted. With `target` the run stops at the first probe that reaches it; without
     one it runs to the end and its final test accuracy (best.pt, evaluated after the clock stopped) is reported."""
     config = resolve_config(recipe, None, {**(overrides or {}), "seed": seed, "device": device})
-    ds = load_dataset(data, home=home, log=lambda m: None)  # the test images; the run reads the cache again, timed
-    mean, std, _ = transfer.resolve_normalization(config, ds.classes, ds.train_images)
+    # the test images; the run reads the cache again, timed
+    ds = load_dataset(data, presets.resolve_input_size(config), home=home, log=lambda m: None)
+    mean, std, _ = presets.resolve_normalization(config, ds.classes, ds.train_images)
     every = max(1, round(probe_images / config.batch_size))
     curve: list[dict[str, float]] = []
     paused = 0.0
@@ -237,7 +237,12 @@ def time_to_target(
     final = None
     if target is None:  # what `cifar-cnn train` writes to test_metrics.json, outside the clock
         final = evaluate_checkpoint(
-            run_dir / "best.pt", data, device=device, batch_size=config.eval_batch_size, home=home, log=lambda m: None
+            RunPaths(run_dir).best,
+            data,
+            device=device,
+            batch_size=config.eval_batch_size,
+            home=home,
+            log=lambda m: None,
         )["accuracy"]
     return {
         "recipe": recipe,

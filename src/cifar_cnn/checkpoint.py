@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
+from .atomic import atomic_write_bytes
 from .errors import CifarCnnError
 
 FORMAT = "cifar-cnn-checkpoint"
@@ -111,9 +111,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        raise CifarCnnError(
-            f"{path}: weights do not fit model {spec['name']!r} ({state_dict_mismatch(exc)})"
-        ) from None
+        raise CifarCnnError(f"{path}: weights do not fit model {spec['name']!r} ({state_dict_mismatch(exc)})") from None
     return model.eval()
 
 

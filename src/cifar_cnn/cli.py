@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from .choices import DEVICES, EXPORT_FORMATS, EXPORT_TOLERANCE, PRECISIONS, SPLITS, TTA_MODES
 from .config import FIELDS, TrainConfig, field_choices, field_help
 from .errors import CifarCnnError
+from .version import __version__
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,14 +49,19 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _common(parser: argparse.ArgumentParser, data: bool = False, json_flag: bool = True) -> None:
-    if data:
+DATA_HELP = (
+    "'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, or an image-folder tree or archive"
+)
+
+
+def _common(parser: argparse.ArgumentParser, data: str | None = None, json_flag: bool = True) -> None:
+    """--data (`data` is its help's default: 'cifar10', or what a run recorded), --json, --threads."""
+    if data is not None:
         parser.add_argument(
             "--data",
-            default="cifar10",
+            default=None,
             metavar="SOURCE",
-            help="'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, "
-            "or an image-folder tree or archive",
+            help=f"{DATA_HELP} (default: {data})",
         )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
@@ -73,16 +78,14 @@ def _inference_options(
         parser.add_argument(
             "--tta",
             default=None,
-            choices=("none", "flip", "flip-translate"),
+            choices=TTA_MODES,
             help="test-time augmentation (default: the checkpoint's)",
         )
     if batch_size is not None:
         parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
-    parser.add_argument("--device", default=device, help="auto, cpu or cuda")
+    parser.add_argument("--device", default=device, help=f"{', '.join(DEVICES)} (or cuda:N)")
     if precision:
-        parser.add_argument(
-            "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="numeric precision"
-        )
+        parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="numeric precision")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -106,12 +109,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **kwargs)
         else:
             typ = {int: int, float: float, str: str}[type(default)]
-            choices = field_choices(name)
-            if name == "model":
-                from .models import list_models
-
-                choices = tuple(list_models())
-            group.add_argument(flag, type=typ, choices=choices, **kwargs)
+            if name == "model":  # checked against the registry when given, so building the parser needs no torch
+                group.add_argument(flag, type=_model_name, **{**kwargs, "help": help_text + "; see `cifar-cnn models`"})
+                continue
+            group.add_argument(flag, type=typ, choices=field_choices(name), **kwargs)
     group.add_argument(
         "--dropout",
         type=float,
@@ -125,6 +126,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a model builder argument (repeatable; VALUE is read as YAML, e.g. width=64)",
     )
+
+
+def _model_name(name: str) -> str:
+    """--model NAME, checked against the model registry (imported only when the option is given)."""
+    from .models import list_models
+
+    if name not in list_models():
+        choices = ", ".join(repr(n) for n in list_models())
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {choices})")
+    return name
 
 
 def _key_values(items: list[str], option: str, example: str) -> dict[str, Any]:
@@ -151,47 +162,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-class StopOnSignal:
-    """Ctrl-C or SIGTERM during training: finish the current step, save a resumable checkpoint and exit.
-    A second Ctrl-C exits at once (checkpoints are written atomically, so nothing is left half-written)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(
-            f"cifar-cnn: {signal.Signals(signum).name} received: stopping after the current step and saving a "
-            "checkpoint (Ctrl-C again to quit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import resolve_config, to_yaml
     from .distributed import env_rank
-    from .engine import resume_config, train
+    from .engine import resume_config
+    from .workflow import train_and_report
 
     if env_rank() > 0:  # under torchrun only rank 0 reports (see cifar_cnn.distributed)
         args.progress = args.tensorboard = args.report = args.json = False
-    log = _logger(args.json)
     overrides = _overrides(args)
     if args.resume:
         if args.config or args.recipe:
@@ -204,76 +183,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n" if args.json else to_yaml(config))
         return 0
-    observers, bar, tensorboard = _train_observers(args, config, out)
-    if bar is not None:
-        log = bar.log
-    try:
-        with StopOnSignal() as stop:
-            result = train(
-                config,
-                args.data,
-                out,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                threads=args.threads,
-                log=log,
-                command=["cifar-cnn", *sys.argv[1:]],
-                should_stop=stop,
-                progress=observers,
-            )
-    except BaseException:
-        if tensorboard is not None:
-            tensorboard.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if tensorboard is not None:
-        tensorboard.finish(result.get("test_metrics"))
-        log(f"tensorboard: tensorboard --logdir {tensorboard.log_dir}")
-    if args.report and not result["interrupted"]:
-        result["report"] = _report_after_training(out, args.data, config, args.threads, log)
+    result, code = train_and_report(
+        config,
+        args.data,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        progress=args.progress,
+        tensorboard=args.tensorboard,
+        report=args.report,
+        stream=sys.stderr if args.json else sys.stdout,
+        command=["cifar-cnn", *sys.argv[1:]],
+    )
     if args.json:
         _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
-    if result["interrupted"]:
-        return 128 + (stop.signum or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
-    return 0
-
-
-def _train_observers(args: argparse.Namespace, config: Any, out: str) -> tuple[Any, Any, Any]:
-    """(what train() gets as progress, the progress bar, the TensorBoard logger) for the train options."""
-    from .progress import Observers, ProgressBar, TensorBoardLogger, training_sample
-
-    bar = ProgressBar(sys.stderr if args.json else sys.stdout) if args.progress else None
-    tensorboard = None
-    if args.tensorboard:
-        data = args.data
-        tensorboard = TensorBoardLogger(Path(out) / "tensorboard", sample_batch=lambda: training_sample(data, config))
-    observers = Observers([bar, tensorboard])
-    return (observers if observers.observers else None), bar, tensorboard
-
-
-def _report_after_training(out: str, data: str, config: Any, threads: int | None, log: Callable[[str], None]) -> Any:
-    """Write RUN_DIR/report/ when matplotlib is installed; the training's results are safe whatever happens here."""
-    try:
-        from .report import build_report
-    except ImportError:
-        log("no report: matplotlib is not installed (pip install 'cifar-cnn[report]'), then run: cifar-cnn report DIR")
-        return None
-    try:
-        summary = build_report(
-            out,
-            data,
-            device=config.device,
-            precision=config.precision,
-            batch_size=config.eval_batch_size,
-            threads=threads,
-            log=log,
-        )
-    except (CifarCnnError, OSError) as exc:
-        log(f"warning: could not write the report ({exc}); try again with: cifar-cnn report {out}")
-        return None
-    return summary["report"]
+    return code
 
 
 def _build_train(sub: argparse._SubParsersAction) -> None:
@@ -284,7 +209,7 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
         description="Train a model; writes config.yaml, metrics.csv, best.pt, last.pt, "
         "test_metrics.json and run.json into --out.",
     )
-    _common(p, data=True)
+    _common(p, data="cifar10; with --resume, the run's own source")
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or TOML config file")
     from .recipes import RECIPES
@@ -306,7 +231,7 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
         "--report",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="write plots and DIR/report/index.html after training (needs matplotlib)",
+        help="write plots and DIR/report/index.html after training",
     )
     _add_config_options(p)
     p.set_defaults(func=cmd_train)
@@ -328,7 +253,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = args.out or f"runs/tune-{args.study}"
     summary = run_study(
         base,
-        args.data,
+        args.data or "cifar10",
         out,
         trials=args.trials,
         settings=settings,
@@ -353,7 +278,7 @@ def _build_tune(sub: argparse._SubParsersAction) -> None:
         "OUT/best.yaml (for train --config), OUT/trials.csv, OUT/search.png and OUT/tune.json. Running it again "
         "continues the study. Needs the [tune] extra.",
     )
-    _common(p, data=True)
+    _common(p, data="cifar10")
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to run now")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: runs/tune-<study>)")
     p.add_argument("--config", default=None, metavar="FILE", help="base config and its `tune:` section")
@@ -389,7 +314,7 @@ def _format_metrics(m: dict[str, Any]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     log = _logger(args.json)
     result = evaluate_checkpoint(
@@ -404,9 +329,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         log=log,
     )
     if args.json:
-        _emit_json(result)
+        _emit_json(result.metrics)
     else:
-        log(_format_metrics(result))
+        log(_format_metrics(result.metrics))
     return 0
 
 
@@ -418,11 +343,11 @@ def _build_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Accuracy, top-5, loss, per-class accuracy and F1, confusion matrix.",
     )
     p.add_argument("checkpoint", help="a .pt file written by train")
-    _common(p, data=True)
+    _common(p, data="the data the checkpoint's run trained on, else cifar10")
     p.add_argument(
         "--split",
         default="test",
-        choices=("test", "val", "train"),
+        choices=SPLITS,
         help="which split (val is rebuilt from the checkpoint's seed and val_split)",
     )
     _inference_options(p, tta=True, batch_size=1000, device="auto", precision=True)
@@ -476,10 +401,10 @@ def cmd_show_data(args: argparse.Namespace) -> int:
     if args.per_class < 1:
         raise CifarCnnError(f"--per-class must be at least 1, got {args.per_class}")
     log = _logger(args.json)
-    ds = load_dataset(args.data, args.image_size, threads=args.threads, log=log)
+    ds = load_dataset(args.data or "cifar10", args.image_size, threads=args.threads, log=log)
     images, labels = (ds.train_images, ds.train_labels) if args.split == "train" else (ds.test_images, ds.test_labels)
     shown = plot_class_samples(images, labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
-    summary = {"source": args.data, "split": args.split, "out": args.out} | {
+    summary = {"source": args.data or "cifar10", "split": args.split, "out": args.out} | {
         k: shown[k] for k in ("classes", "shown", "indices")
     }
     if args.json:
@@ -496,7 +421,7 @@ def _build_show_data(sub: argparse._SubParsersAction) -> None:
         formatter_class=_Formatter,
         description="One row of random images (fixed by --seed) per class of a data source.",
     )
-    _common(p, data=True)
+    _common(p, data="cifar10")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
     p.add_argument("--split", default="train", choices=("train", "test"), help="which images")
     p.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class")
@@ -552,9 +477,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_dataset
 
     log = _logger(args.json)
-    ds = load_dataset(args.data, args.image_size, threads=args.threads, log=log)
+    ds = load_dataset(args.data or "cifar10", args.image_size, threads=args.threads, log=log)
     summary = {
-        "source": args.data,
+        "source": args.data or "cifar10",
         "classes": ds.classes,
         "image_size": ds.image_size,
         "train_images": int(len(ds.train_labels)),
@@ -582,7 +507,7 @@ def _build_small(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("data", help="decode a data source into the cache and summarize it", formatter_class=_Formatter)
-    _common(p, data=True)
+    _common(p, data="cifar10")
     p.add_argument("--image-size", type=int, default=32, help="side the images are resized to")
     p.set_defaults(func=cmd_data)
 
@@ -677,7 +602,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _build_export(sub: argparse._SubParsersAction) -> None:
-    from .export import DEFAULT_TOLERANCE, FORMATS
 
     p = sub.add_parser(
         "export",
@@ -688,7 +612,9 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         "Exported models run without test-time augmentation.",
     )
     p.add_argument("checkpoint", help="a .pt file written by train")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs the [export] extra) or torchscript")
+    p.add_argument(
+        "--format", required=True, choices=EXPORT_FORMATS, help="onnx (needs the [export] extra) or torchscript"
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model file")
     p.add_argument(
         "--data",
@@ -697,7 +623,7 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         help="test images for the parity check (default: the checkpoint's training data, from run.json beside it)",
     )
     p.add_argument("--num-images", type=int, default=1000, help="test images compared")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest allowed abs logit difference")
+    p.add_argument("--tolerance", type=float, default=EXPORT_TOLERANCE, help="largest allowed abs logit difference")
     _common(p)
     p.set_defaults(func=cmd_export)
 
@@ -791,7 +717,7 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, metavar="SOURCE", help="data for the time-to-accuracy runs")
     p.add_argument("--recipes", default="seed,quick,fast", help="comma-separated recipe names")
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the time-to-accuracy runs")
-    p.add_argument("--out", default="benchmarks/results", metavar="DIR", help="where bench.json and bench.md go")
+    p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and bench.md go")
     p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
     p.add_argument(
         "--to-target",

@@ -7,7 +7,6 @@ from this one place. Unknown keys and values of the wrong type are errors, never
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .choices import DEVICES, LOSS_REDUCTIONS, NORMALIZE_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES, TTA_MODES
 from .errors import CifarCnnError
 
 if sys.version_info >= (3, 11):
@@ -42,8 +42,7 @@ class TrainConfig:
     batch_size: int = _f(20, "training images per optimizer step")
     eval_batch_size: int = _f(1000, "images per forward pass when evaluating")
     optimizer: str = _f(
-        "sgd", "optimizer; muon = Muon for conv filters + Nesterov SGD (lr, momentum) for the rest",
-        ("sgd", "adam", "adamw", "muon"),
+        "sgd", "optimizer; muon = Muon for conv filters + Nesterov SGD (lr, momentum) for the rest", OPTIMIZERS
     )
     lr: float = _f(0.01, "peak learning rate")
     momentum: float = _f(0.0, "SGD momentum (Adam: beta1)")
@@ -55,9 +54,7 @@ class TrainConfig:
     )
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(0.0, "weight decay (L2 for SGD/Adam, decoupled for AdamW)")
-    schedule: str = _f(
-        "constant", "learning-rate schedule over steps", ("constant", "onecycle", "linear", "cosine", "step")
-    )
+    schedule: str = _f("constant", "learning-rate schedule over steps", SCHEDULES)
     warmup_epochs: float = _f(0.0, "epochs of linear warm-up from 0 at the start of the schedule")
     final_lr_fraction: float = _f(0.0, "learning rate at the end, as a fraction of the peak (onecycle/linear/cosine)")
     step_epochs: float = _f(30.0, "step schedule: multiply the LR by step_gamma every this many epochs")
@@ -68,7 +65,7 @@ class TrainConfig:
         "keep an exponential moving average of the weights with this decay per step (0: off; e.g. 0.99); "
         "validation, best.pt and the test use the average, last.pt keeps both",
     )
-    loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", ("mean", "sum"))
+    loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", LOSS_REDUCTIONS)
     val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
     subset: int = _f(0, "use only this many training images, stratified (0: all)")
     seed: int = _f(0, "seed of the split, the initial weights, shuffling, augmentation and dropout")
@@ -81,22 +78,22 @@ class TrainConfig:
     translate: int = _f(0, "augmentation: random shifts of up to this many pixels (reflect padding)")
     cutout: int = _f(0, "augmentation: side of a random square blanked out (0: off)")
     drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
-    device: str = _f("auto", "where to train: auto picks cuda when available", ("auto", "cpu", "cuda"))
+    device: str = _f("auto", "where to train: auto picks cuda when available", DEVICES)
     precision: str = _f(
         "auto",
-        "numeric precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
-        ("auto", "fp32", "bf16", "fp16"),
+        "numeric precision: auto = bf16 on CUDA and on CPUs with native bf16, else fp32 (fp16: loss scaling)",
+        PRECISIONS,
     )
     channels_last: bool = _f(True, "channels-last memory layout for convolutions (faster with bf16)")
     compile: bool = _f(False, "torch.compile the model (costs 20-30 s of compilation on a CPU)")
-    tta: str = _f("none", "test-time augmentation used when evaluating", ("none", "flip", "flip-translate"))
+    tta: str = _f("none", "test-time augmentation used when evaluating", TTA_MODES)
     # own data and transfer learning (see cifar_cnn.transfer)
     image_size: int = _f(0, "side images are resized to (0: the model's input size; seed_cnn takes only 32)")
     normalize: str = _f(
         "auto",
         "normalization statistics: model = mean/std (or the model's), dataset = computed from the training images, "
         "auto = dataset when the classes are not CIFAR-10's and mean/std are not set beyond the recipe's, else model",
-        ("auto", "model", "dataset"),
+        NORMALIZE_MODES,
     )
     init_from: str = _f("", "start from this cifar-cnn checkpoint's weights (transfer learning / fine-tuning)")
     reset_head: bool = _f(False, "with init_from: a new classifier head even when the classes are the same")
@@ -274,7 +271,3 @@ def validate(c: TrainConfig) -> TrainConfig:
 
 def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
-
-
-def to_json(config: TrainConfig) -> str:
-    return json.dumps(config.to_dict())

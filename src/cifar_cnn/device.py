@@ -7,10 +7,8 @@ import functools
 
 import torch
 
+from .choices import DEVICES, PRECISIONS
 from .errors import CifarCnnError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,8 +1,15 @@
-"""Evaluation: logits for a split (with optional test-time augmentation) and the metrics computed from them."""
+"""Evaluation: logits for a split (with optional test-time augmentation), the metrics computed from them, and a
+whole checkpoint evaluated on a split of its data (`evaluate_checkpoint`, what `cifar-cnn evaluate` runs).
+
+This sits below the engine: the engine validates and tests through it, and report, bench and export evaluate
+checkpoints through it without importing the trainer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .choices import SPLITS, TTA_MODES, check_choice
+from .data import Dataset, DataSource, Splits, load_dataset, make_splits
 from .data.pipeline import to_tensor
-from .device import autocast
+from .data.preprocess import normalize
+from .device import autocast, resolve_device, resolve_precision, set_threads
+from .errors import CifarCnnError
 from .metrics import classification_metrics
-
-TTA_MODES = ("none", "flip", "flip-translate")
+from .rundir import recorded_source
 
 
 def _flip_avg(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +53,8 @@ def tta_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
             + 0.25 * _flip_avg(model, _shift(x, -1, -1))
             + 0.25 * _flip_avg(model, _shift(x, 1, 1))
         )
-    raise ValueError(f"unknown TTA mode {mode!r}; choose one of {TTA_MODES}")
+    check_choice(mode, TTA_MODES, "--tta")
+    raise AssertionError(mode)  # pragma: no cover
 
 
 @torch.inference_mode()
@@ -60,14 +72,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Float32 logits (N, classes) on the CPU for uint8 images (N, 3, H, W), normalized a batch at a time."""
     src = to_tensor(images)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
     was_training = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(src), batch_size):
-            x = (src[i : i + batch_size].to(device, non_blocking=True).float() - m) / s
+            x = normalize(src[i : i + batch_size].to(device, non_blocking=True), mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
@@ -111,3 +121,109 @@ def evaluate(
     )
     result["tta"] = tta
     return result
+
+
+@dataclass
+class EvalResult(Mapping):
+    """A checkpoint evaluated on a split: `metrics` as `evaluate --json` prints them (accuracy, top5_accuracy, loss,
+    num_images, classes, per-class accuracy, precision and F1, confusion_matrix, tta, split, checkpoint, epoch,
+    precision); with `with_logits`, also the float32 logits (N, classes) of the same forward pass and the split's
+    uint8 images and labels they belong to."""
+
+    metrics: dict[str, Any]
+    logits: torch.Tensor | None = None
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    def __getitem__(self, key: str) -> Any:  # reads like the metrics dict: result["accuracy"]
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits, one row per image."""
+        if self.logits is None:
+            raise ValueError("evaluated without with_logits=True")
+        return torch.softmax(self.logits, 1).numpy()
+
+
+def checkpoint_splits(ds: Dataset, ckpt: dict[str, Any]) -> Splits:
+    """The splits a checkpoint's run used: its config's val_split, seed and subset (so `val` is its validation set)."""
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return make_splits(ds, float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)), cfg.get("subset") or None)
+
+
+def _split_arrays(splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return {
+        "test": (splits.test_images, splits.test_labels),
+        "val": (splits.val_images, splits.val_labels),
+        "train": (splits.train_images, splits.train_labels),
+    }[split]
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | DataSource | None = None,
+    *,
+    split: str = "test",
+    tta: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 1000,
+    threads: int | None = None,
+    home: Path | None = None,
+    log: Callable[[str], None] = print,
+    splits: Splits | None = None,
+    ckpt: dict[str, Any] | None = None,
+    with_logits: bool = False,
+) -> EvalResult:
+    """Evaluate a checkpoint on a split of `data` (default: the data its run trained on, else 'cifar10'); the
+    validation split is rebuilt from the checkpoint's config. `splits` and `ckpt` pass what a caller already has
+    loaded (the engine after training), so nothing is decoded or read twice."""
+    check_choice(split, SPLITS, "--split")
+    set_threads(threads)
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, checkpoint)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model.to(dev)
+    channels_last = prec != "fp32" and bool(ckpt.get("config", {}).get("channels_last", True))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    source = DataSource.of(data) if data else recorded_source(ckpt, Path(checkpoint).parent) or DataSource.of("cifar10")
+    if splits is None:
+        splits = checkpoint_splits(
+            load_dataset(source, int(ckpt["input_size"]), home=home, threads=threads, log=log), ckpt
+        )
+    if list(splits.classes) != list(ckpt["classes"]):
+        raise CifarCnnError(
+            f"{checkpoint}: trained on classes {list(ckpt['classes'])} but the data has {list(splits.classes)}"
+        )
+    images, labels = _split_arrays(splits, split)
+    if len(labels) == 0:
+        raise CifarCnnError(f"the {split} split of {source} is empty (the checkpoint was trained with val_split 0?)")
+    mode = tta or ckpt.get("tta", "none")
+    logits = predict_logits(
+        model,
+        images,
+        tuple(ckpt["mean"]),
+        tuple(ckpt["std"]),
+        batch_size=batch_size,
+        device=dev,
+        precision=prec,
+        tta=mode,
+        channels_last=channels_last,
+    )
+    metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
+    metrics.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
+    if not with_logits:
+        return EvalResult(metrics)
+    return EvalResult(metrics, logits, images, np.asarray(labels))

@@ -23,30 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_text
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import load_dataset
+from .choices import EXPORT_FORMATS, EXPORT_TOLERANCE, check_choice
+from .data import DataSource, load_dataset
+from .data.preprocess import normalize
 from .device import set_threads
 from .errors import CifarCnnError
 from .evaluate import predict_logits
 from .onnx_predict import METADATA_KEY
+from .rundir import recorded_source
+from .version import __version__
 
-FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-DEFAULT_TOLERANCE = 1e-4  # fp32 logits of the same graph on another runtime differ by rounding only
 TTA_NOTE = "exported models run without test-time augmentation (TTA); the checkpoint's TTA mode is {tta!r}"
-
-
-def default_data_source(checkpoint: Path) -> str | None:
-    """The data source the checkpoint was trained on, from run.json beside it (written by `train`), if known."""
-    run_json = checkpoint.parent / "run.json"
-    try:
-        data = json.loads(run_json.read_text()).get("data")
-    except (OSError, ValueError):
-        return None
-    return str(data) if data else None
 
 
 def _metadata(ckpt: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -137,9 +128,7 @@ def parity(
     dynamic batch dimension too."""
     mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     reference = predict_logits(model, images, mean, std, batch_size=batch_size, precision="fp32", tta="none").numpy()
-    m = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std).view(1, -1, 1, 1) * 255.0
-    x = (torch.from_numpy(np.ascontiguousarray(images)).float() - m) / s
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
     got = exported_logits(fmt, path, x, batch_size)
     single = exported_logits(fmt, path, x[:8], 1)
     diff = float(np.abs(got - reference).max())
@@ -161,7 +150,7 @@ def export_checkpoint(
     *,
     data: str | None = None,
     num_images: int = 1000,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float = EXPORT_TOLERANCE,
     threads: int | None = None,
     home: Path | None = None,
     log: Callable[[str], None] = print,
@@ -169,21 +158,21 @@ def export_checkpoint(
     """Export `checkpoint` to `out` as 'onnx' or 'torchscript', check parity on `num_images` test images of `data`
     (default: the data it was trained on, from run.json) and write OUT.json. Returns the OUT.json content; its
     'parity_ok' says whether the difference is within `tolerance` and every top-1 label agrees."""
-    if fmt not in FORMATS:
-        raise CifarCnnError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_choice(fmt, EXPORT_FORMATS, "--format")
     if num_images < 1:
         raise CifarCnnError(f"--num-images must be at least 1, got {num_images}")
     checkpoint, out = Path(checkpoint), Path(out)
     if not out.parent.is_dir():
         raise CifarCnnError(f"--out {out}: folder {out.parent} does not exist")
-    data = data or default_data_source(checkpoint)
-    if data is None:
-        raise CifarCnnError(
-            f"{checkpoint}: its training data is unknown (no run.json beside it); give --data SOURCE so the exported "
-            "model can be checked against PyTorch on real test images"
-        )
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
+    source = DataSource.of(data) if data else recorded_source(ckpt, checkpoint.parent)
+    if source is None:
+        raise CifarCnnError(
+            f"{checkpoint}: its training data is unknown (no record in it, no run.json beside it); give --data SOURCE "
+            "so the exported model can be checked against PyTorch on real test images"
+        )
+    data = str(source)
     model = model_from_checkpoint(ckpt, checkpoint).float().eval()
     size = int(ckpt["input_size"])
     ds = load_dataset(data, size, home=home, threads=threads, log=log)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .data.preprocess import normalize
 from .errors import CifarCnnError
-from .predict_core import DEFAULT_BATCH_SIZE, BasePredictor, normalize_images
+from .predict_core import DEFAULT_BATCH_SIZE, BasePredictor
 
 METADATA_KEY = "cifar_cnn"  # key of the JSON metadata in the ONNX model's metadata_props
 
@@ -78,6 +79,6 @@ class OnnxPredictor(BasePredictor):
         """Float32 logits (N, classes) for uint8 images (N, 3, S, S), normalized as in evaluation."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            x = normalize_images(images[i : i + self.batch_size], self.mean, self.std)
+            x = normalize(images[i : i + self.batch_size], self.mean, self.std)
             out.append(self.session.run(None, {self.input_name: x})[0].astype(np.float32))
         return np.concatenate(out) if out else np.empty((0, len(self.classes)), np.float32)

@@ -112,8 +112,11 @@ def build_optimizer(
     filters = {n for n, p in params.items() if p.ndim == 4} - head - early if name == "muon" else set()
     rest = [n for n in params if n not in head | early | filters]
     groups = []
-    for names, factor, extra in ((rest, 1.0, {}), (sorted(head), head_lr_factor, {}),
-                                 (sorted(early), 1.0, {"decay_steps": max(1, early_steps)})):
+    for names, factor, extra in (
+        (rest, 1.0, {}),
+        (sorted(head), head_lr_factor, {}),
+        (sorted(early), 1.0, {"decay_steps": max(1, early_steps)}),
+    ):
         if names:
             wd = weight_decay / factor if name == "muon" else weight_decay
             groups.append({"params": [params[n] for n in names], "lr": lr * factor, "weight_decay": wd, **extra})

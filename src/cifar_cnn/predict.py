@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
+from .choices import TTA_MODES, check_choice
 from .device import resolve_device, set_threads
 from .errors import CifarCnnError
-from .evaluate import TTA_MODES, predict_logits
+from .evaluate import predict_logits
 from .predict_core import DEFAULT_BATCH_SIZE, BasePredictor, PredictionReport
 
 __all__ = ["Predictor", "PredictionReport"]
@@ -44,8 +45,7 @@ class Predictor(BasePredictor):
         batch_size: int = DEFAULT_BATCH_SIZE,
         name: str = "model",
     ) -> None:
-        if tta not in TTA_MODES:
-            raise CifarCnnError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        check_choice(tta, TTA_MODES, "--tta")
         if batch_size < 1:
             raise CifarCnnError(f"--batch-size must be at least 1, got {batch_size}")
         self.device = torch.device(device)

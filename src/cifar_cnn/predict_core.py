@@ -46,13 +46,6 @@ def top_k_rows(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict[
     return rows
 
 
-def normalize_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 (N, 3, H, W) -> float32 normalized the way `evaluate.predict_logits` does it, in the same float32 steps."""
-    m = (np.asarray(mean, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
-    s = (np.asarray(std, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
-    return (images.astype(np.float32) - m) / s
-
-
 def as_batch(images: np.ndarray | Sequence[np.ndarray], size: int) -> np.ndarray:
     """Check and stack preprocessed images into one uint8 (N, 3, size, size) array; a single (3, H, W) is allowed."""
     arr = np.stack([np.asarray(a) for a in images]) if isinstance(images, (list, tuple)) else np.asarray(images)

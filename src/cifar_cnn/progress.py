@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
+from .data.preprocess import denormalize
 from .errors import CifarCnnError
+from .hooks import EpochTotals, Observers, TrainProgress
+
+__all__ = ["EpochTotals", "Observers", "ProgressBar", "TensorBoardLogger", "TrainProgress", "training_sample"]
 
 if TYPE_CHECKING:
-    from .engine import EpochTotals
-
-
-class TrainProgress(Protocol):
-    """What `engine.train(progress=...)` calls; every method is optional in spirit (no-ops are fine)."""
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int, batch_size: int) -> None: ...
-
-    def step(self, step: int, totals: EpochTotals) -> None: ...
-
-    def epoch_end(self, row: dict[str, Any]) -> None: ...
+    from .engine.state import RunState
 
 
 def _clock(seconds: float) -> str:
@@ -128,10 +121,11 @@ class TensorBoardLogger:
     """TensorBoard event files in `log_dir`: per-epoch losses, accuracies and LR; a sample training batch (as the
     model sees it, augmented); at the end (`finish`) test metrics and the confusion matrix as an image.
 
-    `sample_batch()` returns uint8 images (N, 3, H, W) for the sample; it is called once, at the first epoch.
+    The sample is the run's own first batch (`training_sample`), taken at `run_start` and logged at the first epoch;
+    `sample=False` leaves it out.
     """
 
-    def __init__(self, log_dir: str | Path, sample_batch: Callable[[], Any] | None = None) -> None:
+    def __init__(self, log_dir: str | Path, sample: bool = True) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -141,7 +135,8 @@ class TensorBoardLogger:
         self.log_dir = Path(log_dir)
         self._writer_cls = SummaryWriter
         self._writer: Any = None
-        self._sample_batch = sample_batch
+        self._sample = sample
+        self._state: Any = None
         self._opened = False
         self.epoch = 0
 
@@ -158,10 +153,14 @@ class TensorBoardLogger:
             # (overwritten or resumed) run logged from this epoch on
             self._writer = self._writer_cls(str(self.log_dir), purge_step=epoch)
             self._opened = True
-        if self._sample_batch is not None:
-            images = self._sample_batch()
-            self._sample_batch = None
+        if self._sample and self._state is not None:
+            self._sample = False
+            images = training_sample(self._state, epoch)
+            self._state = None  # the run's arrays are not kept alive by the logger
             self.writer.add_images("data/sample_batch", images, epoch, dataformats="NCHW")
+
+    def run_start(self, state: RunState) -> None:
+        self._state = state
 
     def step(self, step: int, totals: EpochTotals) -> None:
         pass
@@ -199,45 +198,8 @@ class TensorBoardLogger:
             self._writer = None
 
 
-def training_sample(data: str, config: Any, n: int = 64, home: Path | None = None) -> Any:
-    """The first `n` images of the first training batch, augmented as the model sees them, as uint8 (N, 3, H, W)."""
-    import torch
-
-    from .data import load_dataset, make_splits
-    from .data.pipeline import Augment, TensorLoader
-    from .models import model_info
-
-    info = model_info(config.model)
-    ds = load_dataset(data, info.input_size, home=home, log=lambda _: None)  # a decode-cache hit by now
-    splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
-    x = torch.from_numpy(splits.train_images).float()
-    y = torch.from_numpy(splits.train_labels)
-    loader = TensorLoader(
-        x,
-        y,
-        max(1, min(n, config.batch_size)),
-        shuffle=True,
-        augment=Augment(config.flip, config.translate, config.cutout),
-        seed=config.seed,
-    )
-    _, images, _ = next(iter(loader.batches(0)))
-    return images.clamp(0, 255).to(torch.uint8)
-
-
-class Observers:
-    """Several observers as one (the engine takes one `progress`)."""
-
-    def __init__(self, observers: Sequence[Any]) -> None:
-        self.observers = [o for o in observers if o is not None]
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int, batch_size: int) -> None:
-        for o in self.observers:
-            o.epoch_start(epoch, epochs, steps, start_step, batch_size)
-
-    def step(self, step: int, totals: EpochTotals) -> None:
-        for o in self.observers:
-            o.step(step, totals)
-
-    def epoch_end(self, row: dict[str, Any]) -> None:
-        for o in self.observers:
-            o.epoch_end(row)
+def training_sample(state: RunState, epoch: int = 0, n: int = 64) -> Any:
+    """The first `n` images of the run's first batch of `epoch`, from the engine's own loader (its order, flips,
+    translation and cutout, at the run's input size), as the uint8 pixels (N, 3, H, W) the model sees."""
+    _, x, _ = next(iter(state.loader.batches(epoch, 0)))
+    return denormalize(x[:n], state.data.mean, state.data.std)

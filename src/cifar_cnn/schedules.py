@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "onecycle", "linear", "cosine", "step")
+from .choices import SCHEDULES
 
 
 def lr_multiplier(

@@ -42,9 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .config import FIELDS, TrainConfig, apply, field_choices, parse_config_file, to_yaml, validate
 from .errors import CifarCnnError
 from .models import model_info
@@ -283,7 +281,7 @@ def run_study(
     OUT/search.png; returns a summary. Selection uses validation accuracy only."""
     from .data import load_dataset, make_splits
     from .engine import DivergenceError, train
-    from .transfer import resolve_input_size
+    from .presets import resolve_input_size
 
     optuna = _optuna()
     if trials < 1:
@@ -502,8 +500,3 @@ def _plot(path: Path, study: Any, optuna: Any, log: Callable[[str], None]) -> Pa
     plt.close(fig)
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
     return path
-
-
-def load_best_config(path: str | Path) -> dict[str, Any]:
-    """The values of a best.yaml (for tests and notebooks)."""
-    return yaml.safe_load(Path(path).read_text())

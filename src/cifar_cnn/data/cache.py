@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_bytes
 from .sources import Dataset
 
 CACHE_FORMAT = 1
@@ -47,18 +47,14 @@ def load_cached(file: Path) -> Dataset | None:
         with np.load(file, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         return Dataset(classes=[str(c) for c in arrays.pop("classes")], **arrays)
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
         return None
 
 
 def save_cached(file: Path, ds: Dataset) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically (a temporary file in the same folder, then rename), with the mode the umask allows.
+
+    An OSError (read-only or full disk) reaches the caller, which carries on without the cache.
+    """
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, classes=np.array(ds.classes, dtype=str), **ds.arrays())
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(file, lambda f: np.savez(f, classes=np.array(ds.classes, dtype=str), **ds.arrays()))

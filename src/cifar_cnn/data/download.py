@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from ..atomic import new_file_mode
 from ..errors import CifarCnnError
 from .sources import OFFICIAL_DIRNAME, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, check_member_name
 
@@ -42,6 +43,7 @@ def download(url: str, dest: Path, md5: str, log: Callable[[str], None] = print,
     tmp = Path(tmp_name)
     h = hashlib.md5()
     try:
+        os.chmod(tmp, new_file_mode())  # mkstemp makes it 0o600; the kept archive should honour the umask
         log(f"downloading {url}")
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             while block := resp.read(1 << 20):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,56 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz")
 def data_home() -> Path:
     """Where downloads and the decode cache live: $CIFAR_CNN_HOME, default ~/.cache/cifar-cnn."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "cifar-cnn").expanduser()
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's images come from, as recorded with the run (checkpoint and run.json): 'cifar10' (the official
+    files in the data home) or an absolute path, plus the options that shape the data (none yet; label files and
+    label sets add theirs here), so that resume, report and export load the same data from any working directory."""
+
+    path: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: str | Path | DataSource) -> DataSource:
+        """The record of a `--data` argument: relative paths made absolute, 'cifar10' kept as it is."""
+        if isinstance(data, DataSource):
+            return data
+        text = str(data)
+        if text == DEFAULT_SOURCE:
+            return cls(DEFAULT_SOURCE)
+        return cls(str(Path(text).expanduser().absolute()))
+
+    @classmethod
+    def from_dict(cls, record: Any) -> DataSource | None:
+        """The record as stored by `to_dict`, or None when it is missing or not one (an older run)."""
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            return None
+        options = record.get("options") if isinstance(record.get("options"), dict) else {}
+        return cls(record["path"], dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "options": dict(self.options)}
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def check_same_data(recorded: dict[str, Any] | None, found: dict[str, Any], what: str, given: str) -> None:
+    """Refuse data whose fingerprint (`Dataset.fingerprint`) differs from the one a run recorded; `what` names the
+    run's file and source, `given` the data that was passed."""
+    if not recorded or recorded == found:
+        return
+    if recorded.get("classes") != found.get("classes"):
+        diff = f"classes {recorded.get('classes')} there, {found.get('classes')} here"
+    elif recorded.get("counts") != found.get("counts"):
+        diff = f"image counts {recorded.get('counts')} there, {found.get('counts')} here"
+    else:
+        diff = "the same classes and counts but other images (content hash differs)"
+    raise CifarCnnError(
+        f"--data {given}: not the data {what} was trained on ({diff}); drop --data to use the run's own source"
+    )
 
 
 def _resolve(source: str, home: Path, log: Callable[[str], None]) -> tuple[str, Path]:
@@ -64,7 +115,7 @@ def _resolve(source: str, home: Path, log: Callable[[str], None]) -> tuple[str, 
 
 
 def load_dataset(
-    source: str = DEFAULT_SOURCE,
+    source: str | DataSource = DEFAULT_SOURCE,
     image_size: int = 32,
     *,
     home: Path | None = None,
@@ -74,6 +125,7 @@ def load_dataset(
 ) -> Dataset:
     """Load a whole data set as uint8 arrays, decoding it only the first time (then from the cache)."""
     home = home or data_home()
+    source = str(source)
     kind, path = _resolve(source, home, log)
     cache_file = cache_path(home, path, image_size)
     if use_cache and (ds := load_cached(cache_file)) is not None:

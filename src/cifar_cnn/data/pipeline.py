@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .preprocess import normalize
+
 _MIX = 1_000_003  # a prime to mix (seed, epoch, step) into one generator seed
 
 
@@ -31,7 +33,7 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
 
 
-def normalize(
+def normalize_split(
     images: np.ndarray | torch.Tensor,
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -39,13 +41,12 @@ def normalize(
     device: str | torch.device = "cpu",
     chunk: int = 8192,
 ) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> (x / 255 - mean) / std as `dtype` on `device`, computed in chunks to bound memory."""
+    """A whole split, uint8 (N, 3, H, W) -> normalized (`preprocess.normalize`) as `dtype` on `device`, computed in
+    chunks to bound memory."""
     src = to_tensor(images)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
     out = torch.empty(src.shape, dtype=dtype, device=device)
     for i in range(0, len(src), chunk):
-        out[i : i + chunk] = ((src[i : i + chunk].to(device, torch.float32) - m) / s).to(dtype)
+        out[i : i + chunk] = normalize(src[i : i + chunk].to(device), mean, std).to(dtype)
     return out
 
 

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..data.sources import CIFAR10_MEAN, CIFAR10_STD
 from ..errors import CifarCnnError
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Writing a data set back out: as official CIFAR-10 python batches or as an image-folder tree.
+"""Test helper: writing a data set back out as official CIFAR-10 python batches or as an image-folder tree.
 
 Used to hand CIFAR-style data to other tools and to check the readers: reading what these write gives back the same
 arrays, bit for bit (image folders in a lossless format).
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import CifarCnnError
-from .sources import OFFICIAL_META, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, Dataset
+from cifar_cnn.errors import CifarCnnError
+from cifar_cnn.data.sources import OFFICIAL_META, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, Dataset
 
 
 class _Python2StylePickler(pickle._Pickler):

@@ -1,0 +1,353 @@
+"""`train()`: a whole training run into a run directory. Build the state, fit epoch by epoch (EMA, progress, probes
+and stop requests called explicitly after every step), validate, checkpoint, and test best.pt at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..atomic import atomic_write_text
+from ..checkpoint import load_checkpoint
+from ..config import TrainConfig, to_yaml
+from ..data import DataSource
+from ..device import resolve_device, set_threads, tune_allocator
+from ..errors import CifarCnnError
+from ..evaluate import EvalResult, evaluate, evaluate_checkpoint
+from ..hooks import EpochTotals, TrainProgress
+from ..rundir import (
+    METRICS_HEADER,
+    RunPaths,
+    check_out_dir,
+    now,
+    prepare_out_dir,
+    provenance,
+    read_run_json,
+    write_metrics_csv,
+    write_run_json,
+)
+from .checkpointer import Checkpointer
+from .loop import DivergenceError, train_one_epoch
+from .state import RunState, build_run_state
+
+Probe = Callable[[nn.Module, int, int], None]
+
+
+@dataclass
+class TrainResult(Mapping):
+    """What `train()` returns: the run directory, whether it was interrupted, the epochs' rows, and the test of
+    best.pt (`test_metrics` as in test_metrics.json; `test` with the logits, for the report). Reads like a dict
+    of run_dir, interrupted, history and test_metrics."""
+
+    run_dir: str
+    interrupted: bool
+    history: list[dict[str, Any]]
+    test: EvalResult | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def test_metrics(self) -> dict[str, Any] | None:
+        return self.test.metrics if self.test is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"run_dir": self.run_dir, "interrupted": self.interrupted, "history": self.history}
+        if self.test is not None:
+            out["test_metrics"] = self.test.metrics
+        return out | self.extra
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+
+class StepHooks:
+    """What runs after every optimizer step, in this order: the EMA update, the progress observers, the probe, and
+    the stop check (whose answer ends the epoch early)."""
+
+    def __init__(
+        self,
+        state: RunState,
+        progress: TrainProgress | None,
+        probe: Probe | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.state, self.progress, self.probe, self.should_stop = state, progress, probe, should_stop
+        self.epoch = 0
+
+    def after_step(self, step: int, totals: EpochTotals) -> bool:
+        s = self.state
+        if s.ema is not None:
+            s.ema.update(s.model)
+        if self.progress is not None:
+            self.progress.step(step, totals)
+        if self.probe is not None:
+            self.probe(s.eval_model, self.epoch * s.steps_per_epoch + step + 1, s.steps_per_epoch)
+        return self.stop_requested()
+
+    def stop_requested(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+
+def validate_epoch(state: RunState, epoch: int, paths: RunPaths) -> tuple[float | None, float | None]:
+    """(val_loss, val_acc) of the weights validation uses, or (None, None) without a validation split."""
+    splits = state.data.splits
+    if not len(splits.val_labels):
+        return None, None
+    val = evaluate(
+        state.eval_model,
+        splits.val_images,
+        splits.val_labels,
+        splits.classes,
+        mean=state.data.mean,
+        std=state.data.std,
+        batch_size=state.config.eval_batch_size,
+        device=state.device,
+        precision=state.precision,
+        channels_last=state.channels_last,
+    )
+    if not math.isfinite(val["loss"]):
+        raise DivergenceError(
+            f"the validation loss became {val['loss']} after epoch {epoch + 1}; training diverged: lower the "
+            f"learning rate (--lr) and train again ({paths.best} still holds the best finite weights)"
+        )
+    return val["loss"], val["accuracy"]
+
+
+def epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    """The one line every completed epoch prints (with or without a progress bar): it starts `epoch N/M`."""
+    return (
+        f"epoch {int(row['epoch'])}/{epochs}"
+        f"  train loss {_fmt(row['train_loss'])} acc {_fmt(row['train_acc'], True)}"
+        f"  val loss {_fmt(row['val_loss'])} acc {_fmt(row['val_acc'], True)}  lr {row['lr']:.3g}"
+        f"  {row['seconds']:.1f}s" + ("  [best]" if improved else "")
+    )
+
+
+def resume_hint(paths: RunPaths) -> str:
+    """The command that continues this run, with an absolute path so it works from any working directory (the
+    checkpoint records the run's data source, so no --data is needed)."""
+    return f"cifar-cnn train --resume {paths.last.absolute()}"
+
+
+def fit(
+    state: RunState,
+    checkpointer: Checkpointer,
+    hooks: StepHooks,
+    log: Callable[[str], None],
+) -> bool:
+    """Train from the state's position to its last epoch; returns True when a stop request interrupted it."""
+    config, dist, paths = state.config, state.dist, checkpointer.paths
+    for epoch in range(state.start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        hooks.epoch = epoch
+        if hooks.progress is not None:
+            hooks.progress.epoch_start(epoch, config.epochs, state.steps_per_epoch, state.start_step, config.batch_size)
+        totals, next_step = train_one_epoch(
+            state.train_model,
+            state.loader,
+            state.optimizer,
+            epoch=epoch,
+            lr_fn=state.lr_fn,
+            peak_lrs=state.peak_lrs,
+            device=state.device,
+            precision=state.precision,
+            label_smoothing=config.label_smoothing,
+            loss_reduction=config.loss_reduction,
+            channels_last=state.channels_last,
+            start_step=state.start_step,
+            totals=state.totals,
+            on_step=hooks.after_step,
+            loss_weight=dist.loss_weight(state.loader, config.loss_reduction),
+            scaler=state.scaler,
+        )
+        state.start_step, state.totals = 0, None
+        if dist.active:  # the epoch's totals over all ranks
+            loss_sum, correct, seen = dist.all_sum([totals.loss_sum, totals.correct, totals.seen])
+            totals = EpochTotals(loss_sum, int(correct), int(seen))
+        if next_step < state.steps_per_epoch:  # interrupted inside the epoch
+            if dist.is_main:
+                checkpointer.save_interrupted(epoch, next_step, totals)
+            log(
+                f"interrupted at epoch {epoch + 1}, step {next_step}/{state.steps_per_epoch}; resume with: "
+                f"{resume_hint(paths)}"
+            )
+            return True
+        if not dist.is_main:  # rank 0 validates and writes; the others go on to the next epoch's all-reduce
+            if hooks.stop_requested():
+                return True
+            continue
+        val_loss, val_acc = validate_epoch(state, epoch, paths)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": totals.loss,
+            "train_acc": totals.accuracy,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        state.history.append(row)
+        improved = val_loss is not None and val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss = val_loss
+        checkpointer.save_epoch_end(epoch + 1, {k: row[k] for k in METRICS_HEADER}, improved)
+        write_metrics_csv(paths.metrics, state.history)
+        if hooks.progress is not None:
+            hooks.progress.epoch_end(row)
+        log(epoch_line(row, config.epochs, improved))
+        if hooks.stop_requested():
+            log(f"interrupted after epoch {epoch + 1}; resume with: {resume_hint(paths)}")
+            return True
+    return False
+
+
+def start_run_json(
+    state: RunState, paths: RunPaths, resume: str | Path | None, command: list[str] | None
+) -> dict[str, Any]:
+    """run.json at the start: provenance, the data source and its split sizes, normalization, distribution, transfer;
+    a resumed run keeps its first start time and counts its resumes."""
+    splits = state.data.splits
+    run = provenance(state.device, state.precision, command)
+    run.update(
+        data=str(state.data.source),
+        data_source={**state.data.source.to_dict(), "fingerprint": state.data.fingerprint},
+        images={"train": len(splits.train_labels), "val": len(splits.val_labels), "test": len(splits.test_labels)},
+        resumed_from=str(resume) if resume else None,
+        normalization=state.data.stats_from,
+    )
+    if state.dist.active:
+        run["distributed"] = state.dist.describe()
+    if state.transferred:
+        run["transfer"] = state.transferred
+    if resume is not None and paths.run_json.is_file():
+        previous = read_run_json(paths.root)
+        run["start_time"] = previous.get("start_time", run["start_time"])
+        run["resumes"] = previous.get("resumes", 0) + 1
+    return run
+
+
+def log_start(state: RunState, resume: str | Path | None, log: Callable[[str], None]) -> None:
+    config, splits = state.config, state.data.splits
+    log(f"config ({config.recipe} recipe):\n" + "\n".join("  " + line for line in to_yaml(config).splitlines()))
+    log(
+        f"data {state.data.source}: {len(splits.train_labels)} train, {len(splits.val_labels)} validation, "
+        f"{len(splits.test_labels)} test images, {len(splits.classes)} classes; device {state.device}, "
+        f"precision {state.precision}, threads {torch.get_num_threads()}"
+    )
+    if resume is not None:
+        log(f"resuming from {resume}: epoch {state.start_epoch + 1}, step {state.start_step}")
+
+
+def test_best(state: RunState, paths: RunPaths, home: Path | None) -> EvalResult:
+    """best.pt on the test split (with the recipe's TTA), reusing the splits in memory; writes test_metrics.json."""
+    if not paths.best.is_file():
+        raise CifarCnnError(f"{paths.best}: missing; the run has no best checkpoint to test")
+    config = state.config
+    test = evaluate_checkpoint(
+        paths.best,
+        state.data.source,
+        split="test",
+        device=config.device,
+        precision=config.precision,
+        batch_size=config.eval_batch_size,
+        home=home,
+        splits=state.data.splits,
+        with_logits=True,
+    )
+    atomic_write_text(paths.test_metrics, json.dumps(test.metrics, indent=2) + "\n")
+    return test
+
+
+def train(
+    config: TrainConfig,
+    data: str | DataSource | None = None,
+    out: str | Path = "runs/run",
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    home: Path | None = None,
+    log: Callable[[str], None] = print,
+    command: list[str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: TrainProgress | None = None,
+    evaluate_test: bool = True,
+    probe: Probe | None = None,
+) -> TrainResult:
+    """Train `config` on `data` into the run directory `out`; returns a TrainResult (test metrics and logits).
+
+    `data` defaults to the run's own source when resuming (recorded in the checkpoint), else 'cifar10'. With `resume`
+    (a last.pt), training continues exactly where that checkpoint stood: same weights, optimizer, loss-scaler and
+    schedule state, RNG state, epoch and position inside the epoch. `should_stop()` is polled after every step; when
+    it returns True a resumable last.pt is written and training stops (status 'interrupted'). `progress` (see
+    cifar_cnn.hooks) is told when each epoch starts, after each step and when each epoch ends.
+    `evaluate_test=False` skips the final test evaluation (hyper-parameter search selects on validation only).
+    `probe(model, steps_done, steps_per_epoch)` is called after every optimizer step with the weights that would be
+    saved (benchmarks measure test accuracy during training with it; it must leave the model as it found it).
+    Under torchrun this process joins the data-parallel group; only rank 0 writes (see cifar_cnn.distributed).
+    """
+    started = time.perf_counter()
+    tune_allocator()
+    ckpt = load_checkpoint(resume) if resume else None
+    dist = distributed.init_from_env(resolve_device(config.device))  # torchrun: join the group; else one process
+    if dist.is_main:
+        check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+    else:  # only rank 0 speaks and writes
+        log, progress, probe = (lambda _: None), None, None
+    if threads is None and ckpt is not None and ckpt.get("threads"):
+        # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
+        threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
+    set_threads(threads)
+    state = build_run_state(config, data, dist, ckpt=ckpt, resume=resume, home=home, threads=threads, log=log)
+    paths = (
+        prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
+        if dist.is_main
+        else RunPaths(Path(out))
+    )
+    run = start_run_json(state, paths, resume, command)
+    if dist.is_main:
+        atomic_write_text(paths.config, to_yaml(config))
+        write_run_json(paths.run_json, run)
+        write_metrics_csv(paths.metrics, state.history)  # on resume: cut back to the checkpoint's epoch
+    log_start(state, resume, log)
+
+    hooks = StepHooks(state, progress, probe, dist.agreed(should_stop))  # every rank stops at the same step
+    if progress is not None and hasattr(progress, "run_start"):
+        progress.run_start(state)
+    interrupted = fit(state, Checkpointer(paths, state), hooks, log)
+    result = TrainResult(str(paths.root), interrupted, state.history)
+    if not dist.is_main:
+        dist.finish()
+        return result
+    if not interrupted and evaluate_test:
+        result.test = test_best(state, paths, home)
+        log(
+            f"test accuracy {_fmt(result.test.accuracy, True)} (loss {result.test.metrics['loss']:.4f}, tta "
+            f"{result.test.metrics['tta']}) with {paths.best}, {time.perf_counter() - started:.1f}s in all"
+        )
+    result.seconds = round(time.perf_counter() - started, 3)
+    run.update(end_time=now(), status="interrupted" if interrupted else "finished", seconds=result.seconds)
+    write_run_json(paths.run_json, run)
+    dist.finish()
+    return result

@@ -1,0 +1,235 @@
+"""Building a run's state: data, loader, model (with EMA and transfer settings), optimizer, loss scaler, LR schedule,
+and the position to start from (a fresh start, or exactly where a resumed checkpoint stood)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import presets, transfer
+from ..checkpoint import state_dict_mismatch
+from ..config import TrainConfig, apply, validate
+from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
+from ..data.pipeline import Augment, TensorLoader, normalize_split
+from ..device import resolve_device, resolve_precision
+from ..distributed import DistContext
+from ..ema import WeightEMA
+from ..errors import CifarCnnError
+from ..hooks import EpochTotals
+from ..models import create_model
+from ..rundir import recorded_fingerprint, recorded_source
+from .loop import make_lr_fn, make_scaler, optimizer_for
+
+
+def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config stored in a checkpoint, with command-line overrides (e.g. more --epochs) applied."""
+    stored = {k: (tuple(v) if k in ("mean", "std") and v is not None else v) for k, v in checkpoint["config"].items()}
+    config = apply(TrainConfig(), stored, "checkpoint config")
+    return validate(apply(config, dict(overrides or {}), "command line"))
+
+
+@dataclass
+class RunData:
+    """What a run trains and validates on: its source, splits and normalization."""
+
+    source: DataSource
+    fingerprint: dict[str, Any]
+    splits: Splits
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stats_from: str  # 'model', 'config' or 'dataset'
+
+
+@dataclass
+class RunState:
+    """Everything the fit loop works with. `model` is the bare network being trained; `train_model` is what runs
+    the steps (DDP-wrapped, compiled); `eval_model` is what validation and best.pt use (the EMA average, if any)."""
+
+    config: TrainConfig
+    dist: DistContext
+    device: torch.device
+    precision: str
+    channels_last: bool
+    data: RunData
+    loader: Any
+    model: nn.Module
+    train_model: nn.Module
+    eval_model: nn.Module
+    ema: WeightEMA | None
+    optimizer: Any
+    peak_lrs: list[float]
+    scaler: torch.amp.GradScaler | None
+    lr_fn: Callable[[int], float]
+    transferred: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0  # epochs completed
+    start_step: int = 0  # steps of the next epoch already done (a checkpoint saved inside an epoch)
+    totals: EpochTotals | None = None  # that epoch's running totals
+    best_val_loss: float = math.inf
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+
+def load_run_data(
+    config: TrainConfig,
+    data: str | DataSource | None,
+    ckpt: dict[str, Any] | None,
+    resume: str | Path | None,
+    *,
+    home: Path | None,
+    threads: int | None,
+    log: Callable[[str], None],
+) -> RunData:
+    """The run's data: `data`, else (resuming) the source the checkpoint recorded, else 'cifar10'. Resuming on data
+    that differs from what the run trained on (classes, counts, content) is refused."""
+    recorded = recorded_source(ckpt, Path(resume).parent) if ckpt is not None and resume else None
+    source = DataSource.of(data) if data else (recorded or DataSource.of("cifar10"))
+    input_size = presets.resolve_input_size(config)
+    ds = load_dataset(source, input_size, home=home, threads=threads, log=log)
+    fingerprint = ds.fingerprint()
+    if ckpt is not None:
+        if list(ckpt["classes"]) != list(ds.classes):
+            raise CifarCnnError(f"{resume}: its classes {ckpt['classes']} differ from the data's {ds.classes}")
+        check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", str(source))
+    splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
+    mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images)
+    return RunData(source, fingerprint, splits, input_size, mean, std, stats_from)
+
+
+def build_loader(config: TrainConfig, data: RunData, precision: str, device: torch.device, dist: DistContext) -> Any:
+    """The training split in memory, normalized once in the compute precision (half the bytes with bf16), batched
+    and augmented per step; under torchrun, this rank's shard of every global batch."""
+    store_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    train_x = normalize_split(data.splits.train_images, data.mean, data.std, store_dtype, device)
+    train_y = torch.from_numpy(data.splits.train_labels).to(device)
+    loader = TensorLoader(
+        train_x,
+        train_y,
+        config.batch_size,
+        shuffle=True,
+        drop_last=config.drop_last,
+        augment=augment_of(config),
+        seed=config.seed,
+    )
+    if len(loader) == 0:
+        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
+    return dist.shard(loader)
+
+
+def augment_of(config: TrainConfig) -> Augment:
+    """The training augmentation a config asks for (the one place that maps config fields to it)."""
+    return Augment(config.flip, config.translate, config.cutout, config.alternate_flip)
+
+
+def build_model(
+    config: TrainConfig,
+    data: RunData,
+    train_x: torch.Tensor,
+    ckpt: dict[str, Any] | None,
+    resume: str | Path | None,
+    log: Callable[[str], None],
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The network with its initial weights: the checkpoint's when resuming, else seeded (and initialized from the
+    data, or from --init-from). Returns (model, transfer summary)."""
+    torch.manual_seed(config.seed)  # initial weights
+    model = create_model(config.model, num_classes=len(data.splits.classes), **config.model_args)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as exc:
+            raise CifarCnnError(
+                f"{resume}: weights do not fit model {config.model!r} ({state_dict_mismatch(exc)})"
+            ) from None
+    elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer, computed from training images
+        model.init_from_data(train_x[:5000].float().cpu())
+    transferred = transfer.prepare_model(model, config, data.splits.classes, load_weights=ckpt is None, log=log)
+    return model, transferred
+
+
+def restore_position(state: RunState, ckpt: dict[str, Any], resume: str | Path | None) -> None:
+    """Set the state to where the checkpoint stood: optimizer, scaler, EMA, history, epoch, step, totals, RNG."""
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer_state"])
+    except (ValueError, KeyError) as exc:
+        raise CifarCnnError(f"{resume}: optimizer state does not fit {state.config.optimizer!r} ({exc})") from None
+    if state.scaler is not None and ckpt.get("scaler_state"):
+        state.scaler.load_state_dict(ckpt["scaler_state"])
+    if state.ema is not None and ckpt.get("ema_state"):
+        state.ema.load_state_dict(ckpt["ema_state"])
+    state.history = [dict(row) for row in ckpt.get("history", [])]
+    state.start_epoch = int(ckpt["epoch"])
+    state.start_step = int(ckpt.get("batch_in_epoch", 0))
+    if ckpt.get("epoch_totals") and state.dist.is_main:
+        state.totals = EpochTotals(**ckpt["epoch_totals"])
+    state.best_val_loss = float(ckpt.get("best_val_loss", math.inf))
+    torch.set_rng_state(ckpt["rng_state"]["torch"])
+    if state.device.type == "cuda" and "cuda" in ckpt["rng_state"]:
+        torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"], state.device)
+
+
+def build_run_state(
+    config: TrainConfig,
+    data: str | DataSource | None,
+    dist: DistContext,
+    *,
+    ckpt: dict[str, Any] | None = None,
+    resume: str | Path | None = None,
+    home: Path | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> RunState:
+    """Everything a run needs before its first step, from a config (and a checkpoint to resume from)."""
+    device = dist.local_device(resolve_device(config.device))
+    precision = resolve_precision(config.precision, device)
+    channels_last = config.channels_last and precision != "fp32"
+    run_data = load_run_data(config, data, ckpt, resume, home=home, threads=threads, log=log)
+    loader = build_loader(config, run_data, precision, device, dist)
+    model, transferred = build_model(config, run_data, _images_of(loader), ckpt, resume, log)
+    model = dist.prepare_model(model, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ckpt is not None and ckpt.get("config", {}).get("ema_decay", 0) > 0 and ckpt.get("ema_state") is None:
+        raise CifarCnnError(
+            f"{resume}: holds the averaged (EMA) weights of its run, not the trained ones; resume from its last.pt"
+        )
+    # an average of the weights (config.ema_decay) is what validation, best.pt and the test use; rank 0 keeps it
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 and dist.is_main else None
+    optimizer = optimizer_for(model, config, len(loader))
+    train_model = dist.wrap(model, device)
+    state = RunState(
+        config=config,
+        dist=dist,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        data=run_data,
+        loader=loader,
+        model=model,
+        train_model=torch.compile(train_model) if config.compile else train_model,
+        eval_model=ema.module if ema is not None else model,
+        ema=ema,
+        optimizer=optimizer,
+        peak_lrs=[g["lr"] for g in optimizer.param_groups],
+        scaler=make_scaler(device, precision),
+        lr_fn=make_lr_fn(config, len(loader)),
+        transferred=transferred,
+    )
+    if ckpt is not None:
+        restore_position(state, ckpt, resume)
+    dist.seed_rank(config.seed, state.start_epoch, state.start_step)
+    return state
+
+
+def _images_of(loader: Any) -> torch.Tensor:
+    """The normalized training images behind a loader (or behind the loader a distributed shard wraps)."""
+    return getattr(loader, "loader", loader).images
