@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.data.sources import OFFICIAL_META, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, Dataset
+from cifar_cnn.errors import CifarCnnError
 
 
 class _Python2StylePickler(pickle._Pickler):

@@ -15,12 +15,13 @@ import pytest
 from PIL import Image
 
 from cifar_cnn.data import load_dataset
-from .data_writers import write_image_folder, write_official
+from cifar_cnn.data.cache import load_cached
 from cifar_cnn.data.images import decode_image
 from cifar_cnn.data.sources import Dataset, canonical_order
 from cifar_cnn.errors import CifarCnnError
 
 from .conftest import CLASSES, make_images, make_tar, make_zip, write_official_batches
+from .data_writers import write_image_folder, write_official
 
 
 def quiet(_: str) -> None:
@@ -170,7 +171,11 @@ def test_corrupt_cache_is_rebuilt(tmp_path: Path, tiny_arrays: dict, data_home: 
     load_dataset(str(root), log=quiet)
     cache = next((data_home / "cache").glob("decoded-*.npz"))
     cache.write_bytes(b"garbage")
+    assert load_cached(cache) is None  # unreadable: the loader must decode the source again
     assert_same(load_dataset(str(root), log=quiet), expected(tiny_arrays))
+    rebuilt = load_cached(cache)  # and write a good cache in its place
+    assert rebuilt is not None
+    assert_same(rebuilt, expected(tiny_arrays))
 
 
 def test_val_folder_is_used(tmp_path: Path, tiny_arrays: dict) -> None:

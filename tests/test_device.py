@@ -96,6 +96,25 @@ def test_cpu_has_bf16_is_a_bool() -> None:
     assert isinstance(dev.cpu_has_bf16(), bool)
 
 
+def _raise(exc: type[Exception]):
+    def probe() -> bool:
+        raise exc("no such op")
+
+    return probe
+
+
+@pytest.mark.parametrize(
+    ("probe", "expected"),
+    [(lambda: True, True), (lambda: 1, True), (lambda: False, False), (_raise(RuntimeError), False),
+     (_raise(AttributeError), False)],
+)  # fmt: skip
+def test_cpu_has_bf16_follows_onednn_and_is_false_when_it_cannot_tell(
+    monkeypatch: pytest.MonkeyPatch, probe, expected: bool
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", probe, raising=False)
+    assert dev.cpu_has_bf16.__wrapped__() is expected  # past the cache: the probe runs again
+
+
 def test_autocast_fp32_keeps_dtypes() -> None:
     layer = torch.nn.Linear(4, 3)
     x = torch.randn(2, 4)

@@ -1,4 +1,4 @@
-"""The training engine: run directory contents, metrics, best/last checkpoints, exact resume, config precedence."""
+"""The training engine: run directory contents, metrics, best/last checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -11,31 +11,12 @@ import pytest
 import torch
 import yaml
 
-from cifar_cnn import evaluate_checkpoint, load_checkpoint, model_from_checkpoint, resolve_config, train
+from cifar_cnn import evaluate_checkpoint, load_checkpoint, model_from_checkpoint, train
 from cifar_cnn.data import load_dataset, make_splits
-from cifar_cnn.rundir import RUN_FILES
 from cifar_cnn.errors import CifarCnnError
+from cifar_cnn.rundir import RUN_FILES
 
-
-def quiet(_: str) -> None:
-    pass
-
-
-def small_config(**overrides):
-    base = dict(
-        epochs=2,
-        batch_size=32,
-        lr=0.02,
-        momentum=0.9,
-        device="cpu",
-        precision="fp32",
-        flip=True,
-        translate=2,
-        cutout=8,
-        eval_batch_size=64,
-    )
-    base.update(overrides)
-    return resolve_config("seed", None, base)
+from .helpers import quiet, small_config
 
 
 def test_run_directory_contents(tmp_path: Path, official_dir: Path) -> None:
@@ -148,53 +129,8 @@ def test_refuses_non_empty_out(tmp_path: Path, official_dir: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine" and (out / "best.pt").is_file()
 
 
-def test_config_precedence(tmp_path: Path) -> None:
-    f = tmp_path / "c.yaml"
-    f.write_text("epochs: 7\nlr: 0.5\nbatch_size: 64\ntune: {trials: 3}\n")
-    c = resolve_config("seed", f, {"lr": 0.1})
-    assert (c.epochs, c.lr, c.batch_size, c.optimizer) == (7, 0.1, 64, "sgd")  # cli > file > recipe
-    t = tmp_path / "c.toml"
-    t.write_text('optimizer = "adamw"\nmean = [0.1, 0.2, 0.3]\n')
-    c = resolve_config(None, t, {})
-    assert c.optimizer == "adamw" and c.mean == (0.1, 0.2, 0.3)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("epoch: 3\n")
-    with pytest.raises(CifarCnnError, match="unknown config key.*epoch"):
-        resolve_config(None, bad, {})
-    bad.write_text("epochs: three\n")
-    with pytest.raises(CifarCnnError, match="'epochs' must be an integer"):
-        resolve_config(None, bad, {})
-    with pytest.raises(CifarCnnError, match="must be one of"):
-        resolve_config(None, None, {"optimizer": "rmsprop"})
-
-
-def test_seed_recipe_is_the_notebook() -> None:
-    c = resolve_config("seed")
-    assert (c.model, c.optimizer, c.lr, c.batch_size, c.momentum, c.val_split) == (
-        "seed_cnn",
-        "sgd",
-        0.01,
-        20,
-        0.0,
-        0.2,
-    )
-    assert c.mean == (0.5, 0.5, 0.5) and c.std == (0.5, 0.5, 0.5)
-    assert not c.flip and c.translate == 0 and c.cutout == 0 and c.model_args == {"dropout": 0.25}
-
-
 def test_learns_something(tmp_path: Path, official_dir: Path) -> None:
     """Classes differ in mean colour: a few epochs must beat chance (10%) by far."""
     out = tmp_path / "run"
     res = train(small_config(epochs=3, cutout=0, translate=0), str(official_dir), out, log=quiet, threads=1)
     assert res["test_metrics"]["accuracy"] > 0.5
-
-
-def test_switching_model_drops_the_recipes_model_args(tmp_path: Path) -> None:
-    c = resolve_config("seed", None, {"model": "resnet18"})
-    assert c.model == "resnet18" and c.model_args == {}  # seed_cnn's dropout would not fit resnet18
-    c = resolve_config("seed", None, {"model": "resnet18", "model_args": {"width": 8}})
-    assert c.model_args == {"width": 8}
-    f = tmp_path / "c.yaml"
-    f.write_text("model: airbench\n")
-    assert resolve_config("seed", f, {}).model_args == {}
-    assert resolve_config("seed", None, {"epochs": 2}).model_args == {"dropout": 0.25}  # same model: kept

@@ -137,8 +137,17 @@ def test_cli_export_defaults_to_the_training_data_and_prints_one_json_object(
 
 
 def test_cli_export_without_known_data_asks_for_data(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A checkpoint records its data source, so a copy away from its run exports on that data; one that records none
+    (an older checkpoint) and has no run.json beside it asks for --data."""
     lone = tmp_path / "lone.pt"
-    shutil.copy(checkpoint, lone)  # no run.json beside it
+    shutil.copy(checkpoint, lone)  # no run.json beside it, but the record inside
+    assert main(["export", str(lone), "--format", "onnx", "--out", str(tmp_path / "a.onnx"), "--num-images", "20"]) == 0
+    recorded = load_checkpoint(checkpoint)["data_source"]["path"]
+    assert json.loads((tmp_path / "a.onnx.json").read_text())["parity"]["data"] == recorded
+    ckpt = torch.load(checkpoint, weights_only=True)
+    del ckpt["data_source"]
+    torch.save(ckpt, lone)
+    capsys.readouterr()
     assert main(["export", str(lone), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "give --data SOURCE" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()

@@ -109,27 +109,71 @@ def test_decode_any_bytes(blob: bytes) -> None:
     assert out.shape == (3, 32, 32)
 
 
+def translate_offsets(shifted: torch.Tensor, x: torch.Tensor, pad: int) -> list[list[tuple[int, int]]]:
+    """For each image, the offsets (dy, dx) in [-pad, pad] at which the reflect-padded original, cropped back to the
+    image's size, equals the shifted image (computed with numpy, independently of the package)."""
+    h, w = x.shape[2:]
+    found = []
+    for s, a in zip(shifted.numpy(), x.numpy()):
+        padded = np.pad(a, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        found.append(
+            [
+                (dy, dx)
+                for dy in range(-pad, pad + 1)
+                for dx in range(-pad, pad + 1)
+                if np.array_equal(s, padded[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w])
+            ]
+        )
+    return found
+
+
+def clipped_spans(side: int, length: int) -> set[tuple[int, int]]:
+    """The [start, stop) spans a segment of `side` pixels covers on an axis of `length` pixels, over every position
+    at which it overlaps the axis (clipped at both ends)."""
+    return {(max(t, 0), min(t + side, length)) for t in range(-(side - 1), length)}
+
+
 @FAST
 @given(st.integers(1, 6), st.integers(0, 4), st.integers(0, 12), st.integers(0, 10**6))
 def test_augmentations(n: int, pad: int, cut: int, seed: int) -> None:
-    x = torch.randn(n, 3, 12, 12)
-    g = derived_generator(seed)
-    flipped = random_flip(x, g)
-    assert all(torch.equal(f, a) or torch.equal(f, a.flip(2)) for f, a in zip(flipped, x))
-    if pad:
-        shifted = random_translate(x, pad, derived_generator(seed))
-        assert shifted.shape == x.shape
-        # every shifted image is a window of the reflect-padded original
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-        for s, p in zip(shifted, padded):
-            windows = p.unfold(1, 12, 1).unfold(2, 12, 1).permute(1, 2, 0, 3, 4)
-            assert any(torch.equal(s, windows[i, j]) for i in range(2 * pad + 1) for j in range(2 * pad + 1))
-    if cut:
-        out = random_cutout(x + 10, cut, derived_generator(seed))  # +10: no pixel is 0 before the cut
-        zeros = (out == 0).all(1).sum((1, 2))
-        assert ((zeros > 0) & (zeros <= cut * cut)).all()
+    x = torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+    # flip: every image is itself or its horizontal mirror
+    flipped = random_flip(x, derived_generator(seed))
+    assert flipped.shape == x.shape
+    for f, a in zip(flipped.numpy(), x.numpy()):
+        assert np.array_equal(f, a) or np.array_equal(f, a[:, :, ::-1])
+    # over a batch of 64 with this fixed generator, some images are flipped and some are not (2^-63 to miss)
+    batch = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(seed + 1))
+    out = random_flip(batch, derived_generator(seed)).numpy()
+    mirrored = [np.array_equal(o, b[:, :, ::-1]) for o, b in zip(out, batch.numpy())]
+    plain = [np.array_equal(o, b) for o, b in zip(out, batch.numpy())]
+    assert all(m != p for m, p in zip(mirrored, plain)) and any(mirrored) and any(plain)
     again = random_flip(x, derived_generator(seed))
     assert torch.equal(again, random_flip(x, derived_generator(seed)))  # reproducible from the seed
+    # translate: every image is the reflect-padded original cropped at one offset in [-pad, pad]
+    shifted = random_translate(x, pad, derived_generator(seed))
+    assert shifted.shape == x.shape
+    assert all(len(offsets) == 1 for offsets in translate_offsets(shifted, x, pad))
+    if pad:  # over a batch of 64, more than one offset occurs (a no-op would give only (0, 0))
+        moved = translate_offsets(random_translate(batch, pad, derived_generator(seed)), batch, pad)
+        assert all(len(offsets) == 1 for offsets in moved) and len({o[0] for o in moved}) > 1
+    # cutout: exactly one square of side `cut`, clipped at the borders, is zeroed in all channels; the rest is kept
+    base = x + 10  # no pixel is 0 before the cut
+    out = random_cutout(base, cut, derived_generator(seed)).numpy()
+    if cut == 0:
+        assert np.array_equal(out, base.numpy())  # side 0: nothing cut
+        return
+    rows, cols = clipped_spans(cut, 12), clipped_spans(cut, 12)
+    for o, b in zip(out, base.numpy()):
+        zero = (o == 0).all(0)
+        assert ((o == 0) == zero).all()  # the same pixels in every channel
+        ys, xs = np.nonzero(zero)
+        assert len(ys) > 0
+        (r0, r1), (c0, c1) = (ys.min(), ys.max() + 1), (xs.min(), xs.max() + 1)
+        assert (r0, r1) in rows and (c0, c1) in cols
+        square = np.zeros_like(zero)
+        square[r0:r1, c0:c1] = True
+        assert np.array_equal(zero, square) and np.array_equal(o[:, ~square], b[:, ~square])
 
 
 @FAST

@@ -1,5 +1,6 @@
-"""Seeing a training: progress lines, TensorBoard events, plots, the HTML report (rendered in headless Chromium),
-reports of interrupted runs, and sample images per class.
+"""Seeing a training: the progress lines of a CLI run, TensorBoard events, plots, the HTML report (rendered in
+headless Chromium), reports of interrupted runs, and sample images per class. (The progress bar alone:
+test_progress.py.)
 
 One small CLI training (2 epochs on the tiny data set, with --tensorboard and --json) is shared by the module.
 """
@@ -21,18 +22,13 @@ from PIL import Image
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.hooks import EpochTotals
-from cifar_cnn.progress import ProgressBar
 from cifar_cnn.report import build_report, plot_confusion, plot_curves, read_metrics
 
 from .conftest import make_images, run_cli, write_official_batches
+from .helpers import quiet
 
 CHROMIUM = "/usr/bin/chromium"
 PNGS = ("curves", "confusion", "per_class", "predictions", "confident_wrong")
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -270,35 +266,6 @@ def test_show_data_one_row_per_class(tmp_path: Path, official_dir: Path, capsys:
         assert (ds.train_labels[shown["indices"][c]] == i).all(), c  # each row holds images of its class
     im = assert_png(png, min_size=(400, 800))
     assert im.size[1] > im.size[0]  # 10 rows of 5
-
-
-def test_progress_plain_lines_off_a_terminal_and_a_bar_on_one() -> None:
-    def drive(bar: ProgressBar) -> None:
-        bar.epoch_start(0, 1, 40, 0, 10)
-        t = EpochTotals()
-        for step in range(40):
-            t.loss_sum, t.correct, t.seen = t.loss_sum + 10 * 2.0, t.correct + 5, t.seen + 10
-            bar.step(step, t)
-        bar.epoch_end({})
-        bar.close()
-
-    plain = io.StringIO()
-    drive(ProgressBar(plain))
-    lines = plain.getvalue().splitlines()
-    assert "\r" not in plain.getvalue() and "\x1b" not in plain.getvalue()
-    assert [int(re.search(r"step (\d+)/40", line).group(1)) for line in lines] == [1, *range(4, 41, 4)]
-    assert lines[1].startswith("  epoch 1/1  step 4/40  loss 2.0000  acc 50.00%") and "ETA" in lines[1]
-    assert "step 40/40" in lines[-1] and "elapsed" in lines[-1]
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    term = Terminal()
-    bar = ProgressBar(term)
-    assert not bar.plain
-    drive(bar)
-    assert "\r" in term.getvalue() and "epoch 1/1" in term.getvalue() and "batch" in term.getvalue()
 
 
 def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

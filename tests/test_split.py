@@ -29,9 +29,9 @@ def test_split_fixed_by_seed() -> None:
 def test_same_images_held_out_from_official_batches_and_image_folder(tmp_path, tiny_arrays) -> None:
     """Official batches interleave classes, image folders sort them: the same images must be held out."""
     from cifar_cnn.data import load_dataset
-    from .data_writers import write_image_folder
 
     from .conftest import write_official_batches
+    from .data_writers import write_image_folder
 
     a = tiny_arrays
     official = load_dataset(

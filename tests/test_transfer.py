@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from cifar_cnn import create_model, load_checkpoint, resolve_config, train
-from .data_writers import write_image_folder
 from cifar_cnn.data.sources import Dataset
 from cifar_cnn.engine import optimizer_for
 from cifar_cnn.errors import CifarCnnError
@@ -19,6 +18,7 @@ from cifar_cnn.models import list_models
 from cifar_cnn.transfer import freeze_body, init_from_checkpoint, is_head
 
 from .conftest import run_cli
+from .data_writers import write_image_folder
 
 
 def quiet(_: str) -> None:

@@ -2,7 +2,7 @@
 
 The public API that the command line uses and a notebook can call too:
 
-    from cifar_cnn import train, evaluate_checkpoint, load_checkpoint, create_model, list_models, resolve_config
+    from cifar_cnn import train, train_and_report, evaluate_checkpoint, load_checkpoint, create_model, resolve_config
 """
 
 import importlib
@@ -19,6 +19,9 @@ _LAZY = {
     "resolve_config": "config",
     "evaluate_checkpoint": "evaluate",
     "train": "engine",
+    "TrainResult": "engine",
+    "train_and_report": "workflow",
+    "EvalResult": "evaluate",
     "CifarCnnError": "errors",
     "evaluate": "evaluate",
     "create_model": "models",
@@ -29,10 +32,11 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .config import TrainConfig, resolve_config
-    from .engine import train
+    from .engine import TrainResult, train
     from .errors import CifarCnnError
-    from .evaluate import evaluate, evaluate_checkpoint
+    from .evaluate import EvalResult, evaluate, evaluate_checkpoint
     from .models import create_model, list_models, register_model
+    from .workflow import train_and_report
 
 
 def __getattr__(name: str) -> Any:
@@ -49,6 +53,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CifarCnnError",
+    "EvalResult",
+    "TrainResult",
     "TrainConfig",
     "__version__",
     "create_model",
@@ -60,4 +66,5 @@ __all__ = [
     "register_model",
     "resolve_config",
     "train",
+    "train_and_report",
 ]

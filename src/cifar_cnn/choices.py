@@ -11,7 +11,7 @@ from .errors import CifarCnnError
 TTA_MODES = ("none", "flip", "flip-translate")  # test-time augmentation (see cifar_cnn.evaluate.tta_logits)
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}  # forward passes per image for each TTA mode
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: see cifar_cnn.device.resolve_precision
-DEVICES = ("auto", "cpu", "cuda")  # 'cuda:N' is accepted too
+DEVICES = ("auto", "cpu", "cuda")  # the inference commands also take cuda:N
 SCHEDULES = ("constant", "onecycle", "linear", "cosine", "step")  # see cifar_cnn.schedules
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon")  # see cifar_cnn.optim
 LOSS_REDUCTIONS = ("mean", "sum")

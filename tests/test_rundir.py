@@ -1,0 +1,121 @@
+"""The run directory (cifar_cnn.rundir): file names, metrics.csv, run.json, which checkpoint, the recorded data source;
+and the data-source record itself (cifar_cnn.data.load.DataSource, check_same_data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cifar_cnn.data import DataSource, check_same_data
+from cifar_cnn.errors import CifarCnnError
+from cifar_cnn.rundir import (
+    METRICS_HEADER,
+    RUN_FILES,
+    RunPaths,
+    check_out_dir,
+    pick_checkpoint,
+    prepare_out_dir,
+    read_metrics,
+    read_run_json,
+    recorded_fingerprint,
+    recorded_source,
+    write_metrics_csv,
+    write_run_json,
+)
+
+
+def test_paths_and_names(tmp_path: Path) -> None:
+    p = RunPaths(tmp_path)
+    assert [p.config, p.metrics, p.best, p.last, p.test_metrics, p.run_json] == [tmp_path / n for n in RUN_FILES]
+    assert (p.report, p.tensorboard) == (tmp_path / "report", tmp_path / "tensorboard")
+
+
+def test_metrics_csv_round_trip_with_empty_cells(tmp_path: Path) -> None:
+    history = [
+        {
+            "epoch": 1,
+            "train_loss": 2.0,
+            "train_acc": 0.25,
+            "val_loss": None,
+            "val_acc": None,
+            "lr": 0.1,
+            "seconds": 1.5,
+        },
+        {"epoch": 2, "train_loss": 1.5, "train_acc": 0.5, "val_loss": 1.75, "val_acc": 0.4, "lr": 0.05, "seconds": 2},
+    ]
+    path = tmp_path / "metrics.csv"
+    write_metrics_csv(path, history)
+    assert path.read_text().splitlines()[0] == ",".join(METRICS_HEADER)
+    assert path.read_text().splitlines()[1] == "1,2.0,0.25,,,0.1,1.5"
+    assert read_metrics(path) == [{k: (None if v is None else float(v)) for k, v in row.items()} for row in history]
+    assert read_metrics(tmp_path / "none.csv") == []
+
+
+def test_out_dir_checks_and_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "best.pt").write_text("old")
+    with pytest.raises(CifarCnnError, match=r"folder is not empty; pass --resume .*last\.pt"):
+        check_out_dir(out, resume=False, overwrite=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CifarCnnError, match="exists and is not a folder"):
+        check_out_dir(tmp_path / "file", resume=False, overwrite=True)
+    prepare_out_dir(out, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only run files are removed
+    assert prepare_out_dir(tmp_path / "new" / "run", resume=False, overwrite=False).root.is_dir()
+
+
+def test_pick_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CifarCnnError, match="no such run directory"):
+        pick_checkpoint(tmp_path / "nope")
+    with pytest.raises(CifarCnnError, match="holds neither best.pt nor last.pt"):
+        pick_checkpoint(tmp_path)
+    (tmp_path / "last.pt").write_text("x")
+    assert pick_checkpoint(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "best.pt").write_text("x")
+    assert pick_checkpoint(tmp_path) == tmp_path / "best.pt"
+
+
+def test_recorded_source_prefers_the_checkpoint_then_run_json(tmp_path: Path) -> None:
+    fingerprint = {"classes": ["a"], "counts": {"train": 1, "test": 1}, "sha256": "0" * 64}
+    ckpt = {"data_source": {"path": "/data/a", "options": {"labels": "x.csv"}, "fingerprint": fingerprint}}
+    assert recorded_source(ckpt, tmp_path) == DataSource("/data/a", {"labels": "x.csv"})
+    assert recorded_fingerprint(ckpt) == fingerprint
+    assert recorded_source({}, tmp_path) is None and recorded_fingerprint({}) is None
+    write_run_json(tmp_path / "run.json", {"data": "/data/old"})  # an older run: only the string
+    assert recorded_source({}, tmp_path) == DataSource("/data/old")
+    write_run_json(tmp_path / "run.json", {"data": "x", "data_source": {"path": "/data/b", "options": {}}})
+    assert recorded_source({"data_source": "garbage"}, tmp_path) == DataSource("/data/b")
+    (tmp_path / "run.json").write_text("{not json")
+    assert read_run_json(tmp_path) == {} and recorded_source(None, tmp_path) is None
+
+
+def test_data_source_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert DataSource.of("cifar10") == DataSource("cifar10")
+    rel = DataSource.of("pictures.zip")
+    assert rel.path == str(tmp_path / "pictures.zip") and os.path.isabs(rel.path)
+    assert DataSource.of(rel) is rel and str(rel) == rel.path
+    assert DataSource.from_dict(json.loads(json.dumps(rel.to_dict()))) == rel
+    assert DataSource.from_dict({"path": 3}) is None and DataSource.from_dict(None) is None
+
+
+def test_check_same_data_names_both_and_what_differs() -> None:
+    base = {"classes": ["a", "b"], "counts": {"train": 4, "test": 2}, "sha256": "1" * 64}
+    check_same_data(base, dict(base), "run/last.pt", "/other")  # the same: nothing happens
+    check_same_data(None, base, "run/last.pt", "/other")  # nothing recorded (an older run): nothing to compare
+    cases = [
+        ({**base, "classes": ["a", "c"]}, "classes ['a', 'b'] there, ['a', 'c'] here"),
+        ({**base, "counts": {"train": 5, "test": 2}}, "image counts"),
+        ({**base, "sha256": "2" * 64}, "content hash differs"),
+    ]
+    for found, what in cases:
+        with pytest.raises(CifarCnnError) as exc:
+            check_same_data(base, found, "run/last.pt (source /mine)", "/other")
+        message = str(exc.value)
+        assert message.startswith("--data /other: not the data run/last.pt (source /mine) was trained on")
+        assert what in message and "\n" not in message
