@@ -165,7 +165,8 @@ def kill_and_resume(official_dir: Path, out: Path, kills: int, seed: int) -> int
 
 def test_kill_9_a_few_times(tmp_path: Path, official_dir: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    kill_and_resume(official_dir, out, kills=3, seed=0)
+    # the first kill always lands (at 1 s or later the process is still importing torch), so the resume path runs
+    assert kill_and_resume(official_dir, out, kills=3, seed=0) >= 1
     assert_same_weights(out / "last.pt", reference / "last.pt")
     assert_same_weights(out / "best.pt", reference / "best.pt")
     assert metrics_epochs(out) == [1, 2, 3, 4]

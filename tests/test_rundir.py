@@ -22,6 +22,7 @@ from cifar_cnn.rundir import (
     read_run_json,
     recorded_fingerprint,
     recorded_source,
+    resolve_source,
     write_metrics_csv,
     write_run_json,
 )
@@ -119,3 +120,21 @@ def test_check_same_data_names_both_and_what_differs() -> None:
         message = str(exc.value)
         assert message.startswith("--data /other: not the data run/last.pt (source /mine) was trained on")
         assert what in message and "\n" not in message
+
+
+def test_check_same_data_without_data_blames_the_recorded_source() -> None:
+    """Resuming with no --data on a recorded source whose files changed: the message says so, not 'drop --data'."""
+    base = {"classes": ["a"], "counts": {"train": 4, "test": 2}, "sha256": "1" * 64}
+    with pytest.raises(CifarCnnError) as exc:
+        check_same_data(base, {**base, "sha256": "3" * 64}, "run/last.pt (source /mine)", None)
+    message = str(exc.value)
+    assert message.startswith("run/last.pt (source /mine): its recorded data source now decodes to other data")
+    assert "content hash differs" in message and "drop --data" not in message
+
+
+def test_resolve_source(tmp_path: Path) -> None:
+    ckpt = {"data_source": {"path": "/data/a", "options": {}}}
+    assert resolve_source("x.zip", ckpt, tmp_path) == DataSource(str(Path("x.zip").absolute()))
+    assert resolve_source(None, ckpt, tmp_path) == DataSource("/data/a")
+    assert resolve_source(None, {}, tmp_path) == DataSource("cifar10")
+    assert resolve_source(None, {}, tmp_path, default=None) is None

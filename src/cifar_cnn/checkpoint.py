@@ -7,11 +7,12 @@ A checkpoint is a dict of plain types and tensors:
     input_size, mean, std       preprocessing
     tta                         the test-time augmentation the recipe evaluates with
     config                      the resolved TrainConfig as a dict
+    data_source                 {path, options, fingerprint}: the data the run trained on (cifar_cnn.data.DataSource)
     epoch, step, batch_in_epoch where training stood (batch_in_epoch > 0: saved inside an epoch)
     metrics                     the epoch's metrics; best_val_loss
     model_state                 state dict without 'module.' / '_orig_mod.' prefixes (best.pt with EMA: the average)
     ema_state                   last.pt with EMA: {decay, warmup, updates, weights} of the average, to resume
-    optimizer_state, scheduler_state, rng_state
+    optimizer_state, scaler_state (fp16 loss scaling), scheduler_state, rng_state
     created, package_version, torch_version, note
 """
 

@@ -384,10 +384,12 @@ def _build_report(sub: argparse._SubParsersAction) -> None:
         formatter_class=_Formatter,
         description="Evaluate a run's best.pt (last.pt if the run has none, e.g. an interrupted run) on the test "
         "split and write curves, confusion matrix, per-class accuracy, prediction grids, report.json and a "
-        "self-contained index.html into RUN_DIR/report/. Needs matplotlib.",
+        "self-contained index.html into RUN_DIR/report/.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
-    p.add_argument("--data", default=None, metavar="SOURCE", help="data source (default: the run's own, from run.json)")
+    p.add_argument(
+        "--data", default=None, metavar="SOURCE", help="data source (default: the run's own, recorded with the run)"
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: RUN_DIR/report)")
     _inference_options(p, tta=False, batch_size=1000, device="auto", precision=True)
     _common(p)
@@ -620,7 +622,7 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         "--data",
         default=None,
         metavar="SOURCE",
-        help="test images for the parity check (default: the checkpoint's training data, from run.json beside it)",
+        help="test images for the parity check (default: the data the checkpoint recorded, or run.json beside it)",
     )
     p.add_argument("--num-images", type=int, default=1000, help="test images compared")
     p.add_argument("--tolerance", type=float, default=EXPORT_TOLERANCE, help="largest allowed abs logit difference")
@@ -666,16 +668,6 @@ def _build_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _common(p, json_flag=False)
     p.set_defaults(func=cmd_serve)
-
-
-def _torch_free_parser(argv: Sequence[str]) -> argparse.ArgumentParser | None:
-    """For `predict --onnx`, a parser with only the predict command: the full parser imports the model registry and
-    with it torch, which the ONNX path must run without."""
-    if not argv or argv[0] != "predict" or not any(a == "--onnx" or a.startswith("--onnx=") for a in argv):
-        return None
-    parser = argparse.ArgumentParser(prog="cifar-cnn", formatter_class=_Formatter)
-    _build_predict(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -735,7 +727,7 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
         help="a config value for every recipe but the seed baseline (repeatable), e.g. --set ema_decay=0.95",
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} (or cuda:N)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -762,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _torch_free_parser(argv) or build_parser()
+    parser = build_parser()  # torch-free: `predict --onnx` runs where torch is not installed
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -25,7 +25,7 @@ from .data.preprocess import normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads
 from .errors import CifarCnnError
 from .metrics import classification_metrics
-from .rundir import recorded_source
+from .rundir import resolve_source
 
 
 def _flip_avg(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ def evaluate_checkpoint(
     channels_last = prec != "fp32" and bool(ckpt.get("config", {}).get("channels_last", True))
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    source = DataSource.of(data) if data else recorded_source(ckpt, Path(checkpoint).parent) or DataSource.of("cifar10")
+    source = resolve_source(data, ckpt, Path(checkpoint).parent)
     if splits is None:
         splits = checkpoint_splits(
             load_dataset(source, int(ckpt["input_size"]), home=home, threads=threads, log=log), ckpt

@@ -26,13 +26,13 @@ from torch import nn
 from .atomic import atomic_write_bytes, atomic_write_text
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .choices import EXPORT_FORMATS, EXPORT_TOLERANCE, check_choice
-from .data import DataSource, load_dataset
+from .data import load_dataset
 from .data.preprocess import normalize
 from .device import set_threads
 from .errors import CifarCnnError
 from .evaluate import predict_logits
 from .onnx_predict import METADATA_KEY
-from .rundir import recorded_source
+from .rundir import resolve_source
 from .version import __version__
 
 INPUT_NAME = "images"
@@ -166,7 +166,7 @@ def export_checkpoint(
         raise CifarCnnError(f"--out {out}: folder {out.parent} does not exist")
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
-    source = DataSource.of(data) if data else recorded_source(ckpt, checkpoint.parent)
+    source = resolve_source(data, ckpt, checkpoint.parent, default=None)
     if source is None:
         raise CifarCnnError(
             f"{checkpoint}: its training data is unknown (no record in it, no run.json beside it); give --data SOURCE "

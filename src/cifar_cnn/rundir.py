@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_text
-from .data.load import DataSource
+from .data.load import DEFAULT_SOURCE, DataSource
 from .errors import CifarCnnError
 from .version import __version__
 
@@ -219,6 +219,20 @@ def recorded_source(ckpt: dict[str, Any] | None = None, run_dir: str | Path | No
     if found is None and isinstance(run.get("data"), str):
         found = DataSource(run["data"])
     return found
+
+
+def resolve_source(
+    data: str | Path | DataSource | None,
+    ckpt: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    default: str | None = DEFAULT_SOURCE,
+) -> DataSource | None:
+    """The data a command works on: `data` when given, else what the run recorded (checkpoint, then run.json), else
+    `default` ('cifar10' for train and evaluate; None where the caller asks the user for --data instead)."""
+    if data:
+        return DataSource.of(data)
+    return recorded_source(ckpt, run_dir) or (DataSource.of(default) if default else None)
 
 
 def recorded_fingerprint(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -11,8 +11,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
-from ..atomic import new_file_mode
+from ..atomic import atomic_write_bytes
 from ..errors import CifarCnnError
 from .sources import OFFICIAL_DIRNAME, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, check_member_name
 
@@ -37,15 +38,11 @@ def md5_of(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def download(url: str, dest: Path, md5: str, log: Callable[[str], None] = print, timeout: float = 30.0) -> Path:
-    """Download `url` to `dest` through a temporary file; keep it only if its md5 matches."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    h = hashlib.md5()
-    try:
-        os.chmod(tmp, new_file_mode())  # mkstemp makes it 0o600; the kept archive should honour the umask
-        log(f"downloading {url}")
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    """Download `url` to `dest` atomically (cifar_cnn.atomic); the file is kept only if its md5 matches."""
+
+    def fetch(out: IO[bytes]) -> None:
+        h = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             while block := resp.read(1 << 20):
                 h.update(block)
                 out.write(block)
@@ -54,13 +51,15 @@ def download(url: str, dest: Path, md5: str, log: Callable[[str], None] = print,
                 f"download from {url} has md5 {h.hexdigest()}, expected {md5}: the file is corrupt or not CIFAR-10; "
                 f"try again or use another mirror (${URL_ENV})"
             )
-        os.replace(tmp, dest)
-        return dest
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {url}")
+    try:
+        atomic_write_bytes(dest, fetch)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise CifarCnnError(f"could not download CIFAR-10 from {url} ({reason}); {NO_NETWORK_HINT}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool]) -> None:

@@ -70,9 +70,9 @@ class DataSource:
         return self.path
 
 
-def check_same_data(recorded: dict[str, Any] | None, found: dict[str, Any], what: str, given: str) -> None:
+def check_same_data(recorded: dict[str, Any] | None, found: dict[str, Any], what: str, given: str | None) -> None:
     """Refuse data whose fingerprint (`Dataset.fingerprint`) differs from the one a run recorded; `what` names the
-    run's file and source, `given` the data that was passed."""
+    run's file and source, `given` the --data that was passed (None: the run's own recorded source was used)."""
     if not recorded or recorded == found:
         return
     if recorded.get("classes") != found.get("classes"):
@@ -81,6 +81,11 @@ def check_same_data(recorded: dict[str, Any] | None, found: dict[str, Any], what
         diff = f"image counts {recorded.get('counts')} there, {found.get('counts')} here"
     else:
         diff = "the same classes and counts but other images (content hash differs)"
+    if given is None:
+        raise CifarCnnError(
+            f"{what}: its recorded data source now decodes to other data than it was trained on ({diff}); restore "
+            "those files, or pass --data with a copy of the original data"
+        )
     raise CifarCnnError(
         f"--data {given}: not the data {what} was trained on ({diff}); drop --data to use the run's own source"
     )

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import normalize
+from . import preprocess
 
 _MIX = 1_000_003  # a prime to mix (seed, epoch, step) into one generator seed
 
@@ -46,7 +46,7 @@ def normalize_split(
     src = to_tensor(images)
     out = torch.empty(src.shape, dtype=dtype, device=device)
     for i in range(0, len(src), chunk):
-        out[i : i + chunk] = normalize(src[i : i + chunk].to(device), mean, std).to(dtype)
+        out[i : i + chunk] = preprocess.normalize(src[i : i + chunk].to(device), mean, std).to(dtype)
     return out
 
 

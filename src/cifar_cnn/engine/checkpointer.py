@@ -36,7 +36,7 @@ class Checkpointer:
             std=[float(v) for v in data.std],
             tta=config.tta,
             config=config.to_dict(),
-            data_source={**data.source.to_dict(), "fingerprint": data.fingerprint},
+            data_source=data.record(),
             package_version=__version__,
             torch_version=str(torch.__version__),
             threads=torch.get_num_threads(),

@@ -231,7 +231,7 @@ def start_run_json(
     run = provenance(state.device, state.precision, command)
     run.update(
         data=str(state.data.source),
-        data_source={**state.data.source.to_dict(), "fingerprint": state.data.fingerprint},
+        data_source=state.data.record(),
         images={"train": len(splits.train_labels), "val": len(splits.val_labels), "test": len(splits.test_labels)},
         resumed_from=str(resume) if resume else None,
         normalization=state.data.stats_from,
@@ -240,7 +240,7 @@ def start_run_json(
         run["distributed"] = state.dist.describe()
     if state.transferred:
         run["transfer"] = state.transferred
-    if resume is not None and paths.run_json.is_file():
+    if resume and paths.run_json.is_file():
         previous = read_run_json(paths.root)
         run["start_time"] = previous.get("start_time", run["start_time"])
         run["resumes"] = previous.get("resumes", 0) + 1
@@ -255,7 +255,7 @@ def log_start(state: RunState, resume: str | Path | None, log: Callable[[str], N
         f"{len(splits.test_labels)} test images, {len(splits.classes)} classes; device {state.device}, "
         f"precision {state.precision}, threads {torch.get_num_threads()}"
     )
-    if resume is not None:
+    if resume:
         log(f"resuming from {resume}: epoch {state.start_epoch + 1}, step {state.start_step}")
 
 

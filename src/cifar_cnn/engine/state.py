@@ -17,13 +17,13 @@ from ..checkpoint import state_dict_mismatch
 from ..config import TrainConfig, apply, validate
 from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
 from ..data.pipeline import Augment, TensorLoader, normalize_split
-from ..device import resolve_device, resolve_precision
+from ..device import compute_dtype, resolve_device, resolve_precision
 from ..distributed import DistContext
 from ..ema import WeightEMA
 from ..errors import CifarCnnError
 from ..hooks import EpochTotals
 from ..models import create_model
-from ..rundir import recorded_fingerprint, recorded_source
+from ..rundir import recorded_fingerprint, recorded_source, resolve_source
 from .loop import make_lr_fn, make_scaler, optimizer_for
 
 
@@ -45,6 +45,10 @@ class RunData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     stats_from: str  # 'model', 'config' or 'dataset'
+
+    def record(self) -> dict[str, Any]:
+        """The data-source record a run keeps in its checkpoints and run.json: path, options, fingerprint."""
+        return {**self.source.to_dict(), "fingerprint": self.fingerprint}
 
 
 @dataclass
@@ -91,15 +95,17 @@ def load_run_data(
 ) -> RunData:
     """The run's data: `data`, else (resuming) the source the checkpoint recorded, else 'cifar10'. Resuming on data
     that differs from what the run trained on (classes, counts, content) is refused."""
-    recorded = recorded_source(ckpt, Path(resume).parent) if ckpt is not None and resume else None
-    source = DataSource.of(data) if data else (recorded or DataSource.of("cifar10"))
+    run_dir = Path(resume).parent if ckpt is not None and resume else None
+    source = resolve_source(data, ckpt, run_dir)
     input_size = presets.resolve_input_size(config)
     ds = load_dataset(source, input_size, home=home, threads=threads, log=log)
     fingerprint = ds.fingerprint()
     if ckpt is not None:
         if list(ckpt["classes"]) != list(ds.classes):
             raise CifarCnnError(f"{resume}: its classes {ckpt['classes']} differ from the data's {ds.classes}")
-        check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", str(source))
+        recorded = recorded_source(ckpt, run_dir)
+        given = str(source) if data else None
+        check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
     splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
     mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images)
     return RunData(source, fingerprint, splits, input_size, mean, std, stats_from)
@@ -108,8 +114,7 @@ def load_run_data(
 def build_loader(config: TrainConfig, data: RunData, precision: str, device: torch.device, dist: DistContext) -> Any:
     """The training split in memory, normalized once in the compute precision (half the bytes with bf16), batched
     and augmented per step; under torchrun, this rank's shard of every global batch."""
-    store_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    train_x = normalize_split(data.splits.train_images, data.mean, data.std, store_dtype, device)
+    train_x = normalize_split(data.splits.train_images, data.mean, data.std, compute_dtype(precision), device)
     train_y = torch.from_numpy(data.splits.train_labels).to(device)
     loader = TensorLoader(
         train_x,

@@ -22,7 +22,7 @@ from ..rundir import (
     read_config_yaml,
     read_metrics,
     read_run_json,
-    recorded_source,
+    resolve_source,
 )
 from .figures import (
     most_confident_mistakes,
@@ -92,7 +92,7 @@ def build_report(
     history = read_metrics(RunPaths(root).metrics)
     report_dir = Path(out) if out is not None else root / REPORT_DIR
     ckpt = load_checkpoint(checkpoint_path)
-    source = DataSource.of(data) if data else recorded_source(ckpt, root)
+    source = resolve_source(data, ckpt, root, default=None)
     if source is None:
         raise CifarCnnError(f"{root}: run.json does not say which data the run used; pass --data SOURCE")
     try:
