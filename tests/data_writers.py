@@ -6,9 +6,6 @@ arrays, bit for bit (image folders in a lossless format).
 
 from __future__ import annotations
 
-import io
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,40 +14,7 @@ from PIL import Image
 from cifar_cnn.data.sources import OFFICIAL_META, OFFICIAL_TEST_BATCH, OFFICIAL_TRAIN_BATCHES, Dataset
 from cifar_cnn.errors import CifarCnnError
 
-
-class _Python2StylePickler(pickle._Pickler):
-    """Pickles as Python 2 wrote the official files: text as byte strings (BINSTRING), numpy under numpy.core.
-
-    Only such a file reads the way every CIFAR-10 loader expects: `d[b'data']` with encoding='bytes' and
-    `d['data']` with encoding='latin1'. A Python 3 pickle of str keys (or of bytes keys) satisfies just one of them.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_py2_str(self, obj: bytes | str) -> None:
-        raw = obj.encode("latin1") if isinstance(obj, str) else obj
-        header = (
-            pickle.SHORT_BINSTRING + bytes([len(raw)])
-            if len(raw) < 256
-            else pickle.BINSTRING + struct.pack("<i", len(raw))
-        )
-        self.write(header + raw)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_py2_str
-    dispatch[str] = _save_py2_str
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        name = name or obj.__qualname__
-        module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core")
-        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
-        self.memoize(obj)
-
-
-def _py2_pickle(obj: object) -> bytes:
-    buf = io.BytesIO()
-    _Python2StylePickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
+from .conftest import py2_dumps
 
 
 def write_official(ds: Dataset, folder: Path) -> Path:
@@ -65,9 +29,9 @@ def write_official(ds: Dataset, folder: Path) -> Path:
     batches.append((OFFICIAL_TEST_BATCH, ds.test_images, ds.test_labels))
     for name, images, labels in batches:
         d = {"batch_label": name, "labels": [int(v) for v in labels], "data": images.reshape(len(images), -1)}
-        (folder / name).write_bytes(_py2_pickle(d))
+        (folder / name).write_bytes(py2_dumps(d))
     meta = {"label_names": list(ds.classes), "num_cases_per_batch": len(chunks[0]), "num_vis": 3072}
-    (folder / OFFICIAL_META).write_bytes(_py2_pickle(meta))
+    (folder / OFFICIAL_META).write_bytes(py2_dumps(meta))
     return folder
 
 
