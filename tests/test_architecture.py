@@ -25,10 +25,11 @@ LAYERS: list[list[str]] = [
     # ground floor: facts and small tools every layer may use
     ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules"],
     # data: decoding, sources, cache, splits, the tensor pipeline
-    ["data.images", "data.split", "data.preprocess"],
+    ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset"],
     ["data.sources"],
-    ["data.cache", "data.download"],
-    ["data.load", "data.pipeline"],
+    ["data.store", "data.download", "data.pipeline"],
+    ["data.catalog"],
+    ["data.load", "data.stream"],
     ["data"],
     # what a run is built from
     ["recipes", "device"],

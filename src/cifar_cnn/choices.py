@@ -17,6 +17,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "muon")  # see cifar_cnn.optim
 LOSS_REDUCTIONS = ("mean", "sum")
 NORMALIZE_MODES = ("auto", "model", "dataset")  # see cifar_cnn.presets.resolve_normalization
 SPLITS = ("test", "val", "train")
+LABEL_SETS = ("fine", "coarse")  # CIFAR-100: its 100 classes, or its 20 superclasses
+CLASS_WEIGHTS = ("none", "auto")  # auto: cross-entropy weighted by inverse class frequency
+SAMPLERS = ("shuffle", "balanced")  # balanced: each epoch draws classes equally often (with replacement)
+STORAGE_MODES = ("auto", "memory", "disk")  # decoded images in memory, or memory-mapped from the decode cache
 EXPORT_FORMATS = ("onnx", "torchscript")  # see cifar_cnn.export
 EXPORT_TOLERANCE = (
     1e-4  # default largest abs logit difference of an export: fp32 on another runtime differs by rounding

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .choices import DEVICES, EXPORT_FORMATS, EXPORT_TOLERANCE, PRECISIONS, SPLITS, TTA_MODES
-from .config import FIELDS, TrainConfig, field_choices, field_help
+from .choices import DEVICES, EXPORT_FORMATS, EXPORT_TOLERANCE, LABEL_SETS, PRECISIONS, SPLITS, TTA_MODES
+from .config import FIELDS, TUPLE_LENGTHS, TrainConfig, field_choices, field_help
 from .errors import CifarCnnError
 from .version import __version__
 
@@ -50,12 +50,86 @@ def _emit_json(obj: Any) -> None:
 
 
 DATA_HELP = (
-    "'cifar10' (download to $CIFAR_CNN_HOME), a CIFAR-10 python archive or folder, or an image-folder tree or archive"
+    "'cifar10' or 'cifar100' (downloaded to $CIFAR_CNN_HOME), a CIFAR-10/100 python archive or folder, an "
+    "image-folder tree or archive, or a folder of images with --labels"
 )
 
 
-def _common(parser: argparse.ArgumentParser, data: str | None = None, json_flag: bool = True) -> None:
-    """--data (`data` is its help's default: 'cifar10', or what a run recorded), --json, --threads."""
+def _data_options(parser: argparse.ArgumentParser, label_set: bool) -> None:
+    """What goes with --data: --labels, --skip-bad, --label-set (train: a config key) and --in-memory/--on-disk."""
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE",
+        help="labels of the images in --data DIR: a CSV file (path,label[,split]; header on line 1) or JSON lines "
+        '({"path", "label", "split"}); paths relative to DIR',
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip label rows naming a missing or unreadable image (counted; exit code 1 at the end) instead of "
+        "stopping at the first",
+    )
+    if label_set:
+        parser.add_argument(
+            "--label-set", default=None, choices=LABEL_SETS, help="CIFAR-100: fine (100 classes) or coarse (20)"
+        )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--in-memory",
+        dest="image_storage",
+        action="store_const",
+        const="memory",
+        default=argparse.SUPPRESS,
+        help="hold the decoded images in memory (default: when they fit)",
+    )
+    where.add_argument(
+        "--on-disk",
+        dest="image_storage",
+        action="store_const",
+        const="disk",
+        default=argparse.SUPPRESS,
+        help="memory-map the decoded images from the decode cache in $CIFAR_CNN_HOME (default: when they do not fit)",
+    )
+
+
+def _data_or_cifar10(args: argparse.Namespace, config: Any = None) -> Any:
+    """The DataSource of --data and its options, else CIFAR-10 (held as --in-memory/--on-disk say)."""
+    from .data import DataSource
+
+    source = _data_source(args, config)
+    if source is not None and source.path:
+        return source
+    return DataSource.of("cifar10", storage=_storage(args, config))
+
+
+def _storage(args: argparse.Namespace, config: Any = None) -> str:
+    return getattr(args, "image_storage", None) or (config.image_storage if config is not None else "auto")
+
+
+def _data_source(args: argparse.Namespace, config: Any = None) -> Any:
+    """The DataSource that --data and its options name (for train and tune, the config's data keys too); one with no
+    path when --data is not given (the run's recorded source, held as --in-memory/--on-disk say), or None."""
+    from .data import DataSource
+
+    storage = _storage(args, config)
+    if not args.data and not args.labels and storage == "auto":
+        return None
+    return DataSource.of(
+        args.data or "",
+        labels=args.labels,
+        label_set=config.label_set if config is not None else getattr(args, "label_set", None),
+        skip_bad=args.skip_bad,
+        test_split=config.test_split if config is not None else None,
+        storage=storage,
+    )
+
+
+def _common(
+    parser: argparse.ArgumentParser, data: str | None = None, json_flag: bool = True, label_set: bool = True
+) -> None:
+    """--data (`data` is its help's default: 'cifar10', or what a run recorded) with its options (_data_options),
+    --json, --threads."""
     if data is not None:
         parser.add_argument(
             "--data",
@@ -63,6 +137,7 @@ def _common(parser: argparse.ArgumentParser, data: str | None = None, json_flag:
             metavar="SOURCE",
             help=f"{DATA_HELP} (default: {data})",
         )
+        _data_options(parser, label_set)
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     parser.add_argument(
@@ -105,8 +180,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if f.type in ("bool",) or isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif name in ("mean", "std"):
-            group.add_argument(flag, type=float, nargs=3, metavar=("R", "G", "B"), **kwargs)
+        elif name in TUPLE_LENGTHS:
+            metavar = ("R", "G", "B") if TUPLE_LENGTHS[name] == 3 else ("MIN", "MAX")
+            group.add_argument(flag, type=float, nargs=TUPLE_LENGTHS[name], metavar=metavar, **kwargs)
         else:
             typ = {int: int, float: float, str: str}[type(default)]
             if name == "model":  # checked against the registry when given, so building the parser needs no torch
@@ -185,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     result, code = train_and_report(
         config,
-        args.data,
+        _data_source(args, config),
         out,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -209,7 +285,7 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
         description="Train a model; writes config.yaml, metrics.csv, best.pt, last.pt, "
         "test_metrics.json and run.json into --out.",
     )
-    _common(p, data="cifar10; with --resume, the run's own source")
+    _common(p, data="cifar10; with --resume, the run's own source", label_set=False)
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or TOML config file")
     from .recipes import RECIPES
@@ -253,7 +329,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = args.out or f"runs/tune-{args.study}"
     summary = run_study(
         base,
-        args.data or "cifar10",
+        _data_or_cifar10(args, base),
         out,
         trials=args.trials,
         settings=settings,
@@ -278,7 +354,7 @@ def _build_tune(sub: argparse._SubParsersAction) -> None:
         "OUT/best.yaml (for train --config), OUT/trials.csv, OUT/search.png and OUT/tune.json. Running it again "
         "continues the study. Needs the [tune] extra.",
     )
-    _common(p, data="cifar10")
+    _common(p, data="cifar10", label_set=False)
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to run now")
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: runs/tune-<study>)")
     p.add_argument("--config", default=None, metavar="FILE", help="base config and its `tune:` section")
@@ -319,7 +395,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     log = _logger(args.json)
     result = evaluate_checkpoint(
         args.checkpoint,
-        args.data,
+        _data_source(args),
         split=args.split,
         tta=args.tta,
         device=args.device,
@@ -332,7 +408,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _emit_json(result.metrics)
     else:
         log(_format_metrics(result.metrics))
-    return 0
+    return 1 if result.metrics.get("skipped_images") else 0
 
 
 def _build_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -364,7 +440,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     log = _logger(args.json)
     summary = build_report(
         args.run_dir,
-        args.data,
+        _data_source(args),
         out=args.out,
         device=args.device,
         precision=args.precision,
@@ -374,7 +450,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     if args.json:
         _emit_json(summary)
-    return 0
+    return 1 if summary["test_metrics"].get("skipped_images") else 0
 
 
 def _build_report(sub: argparse._SubParsersAction) -> None:
@@ -387,12 +463,9 @@ def _build_report(sub: argparse._SubParsersAction) -> None:
         "self-contained index.html into RUN_DIR/report/.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train")
-    p.add_argument(
-        "--data", default=None, metavar="SOURCE", help="data source (default: the run's own, recorded with the run)"
-    )
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: RUN_DIR/report)")
     _inference_options(p, tta=False, batch_size=1000, device="auto", precision=True)
-    _common(p)
+    _common(p, data="the run's own, recorded with the run")
     p.set_defaults(func=cmd_report)
 
 
@@ -403,7 +476,7 @@ def cmd_show_data(args: argparse.Namespace) -> int:
     if args.per_class < 1:
         raise CifarCnnError(f"--per-class must be at least 1, got {args.per_class}")
     log = _logger(args.json)
-    ds = load_dataset(args.data or "cifar10", args.image_size, threads=args.threads, log=log)
+    ds = load_dataset(_data_or_cifar10(args), args.image_size, threads=args.threads, log=log)
     images, labels = (ds.train_images, ds.train_labels) if args.split == "train" else (ds.test_images, ds.test_labels)
     shown = plot_class_samples(images, labels, ds.classes, args.out, per_class=args.per_class, seed=args.seed)
     summary = {"source": args.data or "cifar10", "split": args.split, "out": args.out} | {
@@ -413,7 +486,7 @@ def cmd_show_data(args: argparse.Namespace) -> int:
         _emit_json(summary)
     else:
         log(f"{args.out}: {args.per_class} {args.split} images for each of {len(ds.classes)} classes")
-    return 0
+    return 1 if ds.skipped else 0
 
 
 def _build_show_data(sub: argparse._SubParsersAction) -> None:
@@ -479,22 +552,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_dataset
 
     log = _logger(args.json)
-    ds = load_dataset(args.data or "cifar10", args.image_size, threads=args.threads, log=log)
+    ds = load_dataset(_data_or_cifar10(args), args.image_size, threads=args.threads, log=log)
     summary = {
         "source": args.data or "cifar10",
+        "options": _data_or_cifar10(args).options,
         "classes": ds.classes,
         "image_size": ds.image_size,
         "train_images": int(len(ds.train_labels)),
         "test_images": int(len(ds.test_labels)),
         "val_images": None if ds.val_labels is None else int(len(ds.val_labels)),
         "train_per_class": {c: int((ds.train_labels == i).sum()) for i, c in enumerate(ds.classes)},
+        "skipped": ds.skipped,
     }
     if args.json:
         _emit_json(summary)
     else:
         for k, v in summary.items():
             print(f"{k:<16} {v}")
-    return 0
+    return 1 if ds.skipped else 0
 
 
 def _build_small(sub: argparse._SubParsersAction) -> None:
@@ -586,7 +661,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.format,
         args.out,
-        data=args.data,
+        data=_data_source(args),
         num_images=args.num_images,
         tolerance=args.tolerance,
         threads=args.threads,
@@ -600,7 +675,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"(max abs logit difference {report['parity']['max_abs_logit_diff']:.2e}, "
             f"top-1 agreement {100 * report['parity']['top1_agreement']:.2f}%)"
         )
-    return 0
+    return 1 if report.get("skipped_images") else 0
 
 
 def _build_export(sub: argparse._SubParsersAction) -> None:
@@ -618,15 +693,9 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         "--format", required=True, choices=EXPORT_FORMATS, help="onnx (needs the [export] extra) or torchscript"
     )
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model file")
-    p.add_argument(
-        "--data",
-        default=None,
-        metavar="SOURCE",
-        help="test images for the parity check (default: the data the checkpoint recorded, or run.json beside it)",
-    )
     p.add_argument("--num-images", type=int, default=1000, help="test images compared")
     p.add_argument("--tolerance", type=float, default=EXPORT_TOLERANCE, help="largest allowed abs logit difference")
-    _common(p)
+    _common(p, data="test images for the parity check: the data the checkpoint recorded, or run.json beside it")
     p.set_defaults(func=cmd_export)
 
 

@@ -16,7 +16,19 @@ from typing import Any
 
 import yaml
 
-from .choices import DEVICES, LOSS_REDUCTIONS, NORMALIZE_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES, TTA_MODES
+from .choices import (
+    CLASS_WEIGHTS,
+    DEVICES,
+    LABEL_SETS,
+    LOSS_REDUCTIONS,
+    NORMALIZE_MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAMPLERS,
+    SCHEDULES,
+    STORAGE_MODES,
+    TTA_MODES,
+)
 from .errors import CifarCnnError
 
 if sys.version_info >= (3, 11):
@@ -77,6 +89,12 @@ class TrainConfig:
     )
     translate: int = _f(0, "augmentation: random shifts of up to this many pixels (reflect padding)")
     cutout: int = _f(0, "augmentation: side of a random square blanked out (0: off)")
+    crop_scale: tuple | None = _f(
+        None, "augmentation: random-resized-crop, the crop's area as a fraction of the image, MIN MAX (default: off)"
+    )
+    crop_ratio: tuple = _f((0.75, 4 / 3), "augmentation: random-resized-crop, range of the crop's aspect ratio w/h")
+    class_weights: str = _f("none", "loss weights per class: auto = inverse class frequency", CLASS_WEIGHTS)
+    sampler: str = _f("shuffle", "training order: balanced = classes drawn equally often", SAMPLERS)
     drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
     device: str = _f("auto", "where to train: auto picks cuda when available", DEVICES)
     precision: str = _f(
@@ -89,6 +107,11 @@ class TrainConfig:
     tta: str = _f("none", "test-time augmentation used when evaluating", TTA_MODES)
     # own data and transfer learning (see cifar_cnn.transfer)
     image_size: int = _f(0, "side images are resized to (0: the model's input size; seed_cnn takes only 32)")
+    label_set: str = _f("fine", "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses)", LABEL_SETS)
+    test_split: float = _f(0.2, "with --labels and no split column: fraction of the rows held out as the test split")
+    image_storage: str = _f(
+        "auto", "decoded images in memory, or memory-mapped from the decode cache (auto: by size)", STORAGE_MODES
+    )
     normalize: str = _f(
         "auto",
         "normalization statistics: model = mean/std (or the model's), dataset = computed from the training images, "
@@ -102,13 +125,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, not tuples), so it fits YAML, JSON and a weights-only checkpoint."""
         d = dataclasses.asdict(self)
-        for k in ("mean", "std"):
+        for k in TUPLE_LENGTHS:
             if d[k] is not None:
                 d[k] = [float(v) for v in d[k]]
         return d
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TUPLE_LENGTHS = {"mean": 3, "std": 3, "crop_scale": 2, "crop_ratio": 2}  # the numbers each list-valued key holds
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -157,12 +181,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad("a mapping of names to values")
         return dict(value)
     if base is tuple:
+        n = TUPLE_LENGTHS[name]
         if (
             not isinstance(value, (list, tuple))
-            or len(value) != 3
+            or len(value) != n
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         ):
-            raise bad("a list of 3 numbers")
+            raise bad(f"a list of {n} numbers")
         return tuple(float(v) for v in value)
     raise AssertionError(f"unhandled config type {typ}")  # pragma: no cover
 
@@ -260,6 +285,12 @@ def validate(c: TrainConfig) -> TrainConfig:
         (0 <= c.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
         (not (c.nesterov and c.optimizer == "sgd" and c.momentum == 0), "nesterov needs momentum > 0"),
         (c.std is None or all(s > 0 for s in c.std), "std values must be positive"),
+        (
+            c.crop_scale is None or 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1,
+            "crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1",
+        ),
+        (0 < c.crop_ratio[0] <= c.crop_ratio[1], "crop_ratio must be MIN MAX with 0 < MIN <= MAX"),
+        (0 < c.test_split < 1, "test_split must be in (0, 1)"),
         (c.image_size == 0 or c.image_size >= 8, "image_size must be 0 (the model's) or at least 8"),
         (c.init_from or not (c.reset_head or c.freeze_backbone), "reset_head and freeze_backbone need init_from"),
     ]

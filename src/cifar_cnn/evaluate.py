@@ -70,14 +70,14 @@ def predict_logits(
     tta: str = "none",
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """Float32 logits (N, classes) on the CPU for uint8 images (N, 3, H, W), normalized a batch at a time."""
-    src = to_tensor(images)
+    """Float32 logits (N, classes) on the CPU for uint8 images (N, 3, H, W) (an array, a tensor or an ImageSet, read
+    a batch at a time), normalized a batch at a time."""
     was_training = model.training
     model.eval()
     out = []
     try:
-        for i in range(0, len(src), batch_size):
-            x = normalize(src[i : i + batch_size].to(device, non_blocking=True), mean, std)
+        for i in range(0, len(images), batch_size):
+            x = normalize(to_tensor(images[i : i + batch_size]).to(device, non_blocking=True), mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
@@ -132,7 +132,7 @@ class EvalResult(Mapping):
 
     metrics: dict[str, Any]
     logits: torch.Tensor | None = None
-    images: np.ndarray | None = None
+    images: Any = None  # uint8 (N, 3, S, S): an array or an ImageSet
     labels: np.ndarray | None = None
 
     @property
@@ -199,10 +199,10 @@ def evaluate_checkpoint(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     source = resolve_source(data, ckpt, Path(checkpoint).parent)
+    skipped = 0
     if splits is None:
-        splits = checkpoint_splits(
-            load_dataset(source, int(ckpt["input_size"]), home=home, threads=threads, log=log), ckpt
-        )
+        ds = load_dataset(source, int(ckpt["input_size"]), home=home, threads=threads, log=log)
+        splits, skipped = checkpoint_splits(ds, ckpt), len(ds.skipped)
     if list(splits.classes) != list(ckpt["classes"]):
         raise CifarCnnError(
             f"{checkpoint}: trained on classes {list(ckpt['classes'])} but the data has {list(splits.classes)}"
@@ -224,6 +224,8 @@ def evaluate_checkpoint(
     )
     metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
     metrics.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
+    if skipped:
+        metrics["skipped_images"] = skipped  # label rows left out with --skip-bad
     if not with_logits:
         return EvalResult(metrics)
     return EvalResult(metrics, logits, images, np.asarray(labels))

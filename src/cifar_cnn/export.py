@@ -175,7 +175,7 @@ def export_checkpoint(
     data = str(source)
     model = model_from_checkpoint(ckpt, checkpoint).float().eval()
     size = int(ckpt["input_size"])
-    ds = load_dataset(data, size, home=home, threads=threads, log=log)
+    ds = load_dataset(source, size, home=home, threads=threads, log=log)
     if list(ds.classes) != list(ckpt["classes"]):
         raise CifarCnnError(f"--data {data}: its classes {ds.classes} differ from the checkpoint's {ckpt['classes']}")
     images = ds.test_images[:num_images]
@@ -207,6 +207,8 @@ def export_checkpoint(
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
+    if ds.skipped:
+        report["skipped_images"] = len(ds.skipped)  # label rows left out with --skip-bad
     atomic_write_text(Path(f"{out}.json"), json.dumps(report, indent=2) + "\n")
     log(
         f"parity on {check['num_images']} test images of {data}: max abs logit difference "

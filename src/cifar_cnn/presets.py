@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -28,14 +29,23 @@ def resolve_input_size(config: TrainConfig) -> int:
     return size
 
 
+STATS_SAMPLE = 20_000
+
+
+def _spread(n: int) -> np.ndarray:
+    return np.arange(n) if n <= STATS_SAMPLE else np.linspace(0, n - 1, STATS_SAMPLE).round().astype(np.int64)
+
+
 def channel_stats(images: Any, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), as fractions of 255 (float64 sums)."""
-    x = torch.as_tensor(images)
-    channels = x.shape[1]
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), as fractions of 255 (float64 sums).
+    An array or tensor is read whole; a larger set read from disk (an ImageSet) by `STATS_SAMPLE` evenly spaced
+    images, as the model sees them."""
+    x = images if isinstance(images, (np.ndarray, torch.Tensor)) else images.take(_spread(len(images)))
+    channels = 3
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     for i in range(0, len(x), chunk):
-        part = x[i : i + chunk].to(torch.float64) / 255.0
+        part = torch.as_tensor(x[i : i + chunk]).to(torch.float64) / 255.0
         total += part.sum(dim=(0, 2, 3))
         squares += (part * part).sum(dim=(0, 2, 3))
     count = max(1, len(x) * x.shape[2] * x.shape[3])

@@ -14,6 +14,8 @@ run's data source. The engine writes through it; report, export, bench, tune and
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import datetime as dt
 import io
@@ -230,9 +232,12 @@ def resolve_source(
 ) -> DataSource | None:
     """The data a command works on: `data` when given, else what the run recorded (checkpoint, then run.json), else
     `default` ('cifar10' for train and evaluate; None where the caller asks the user for --data instead)."""
-    if data:
+    if data and (not isinstance(data, DataSource) or data.path):
         return DataSource.of(data)
-    return recorded_source(ckpt, run_dir) or (DataSource.of(default) if default else None)
+    found = recorded_source(ckpt, run_dir) or (DataSource.of(default) if default else None)
+    if found is not None and isinstance(data, DataSource):  # no path: the recorded source, held as `data` says
+        found = dataclasses.replace(found, storage=data.storage)
+    return found
 
 
 def recorded_fingerprint(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -104,8 +104,8 @@ def train_and_report(
     handle_signals: bool = True,
 ) -> tuple[TrainResult, int]:
     """Train with a progress bar (or plain lines) on `stream`, optional TensorBoard event files, then the report.
-    Returns (the result, the exit code: 0, or 130 / 143 when a signal interrupted training; the result then says
-    `interrupted` and last.pt resumes it). This is `cifar-cnn train`."""
+    Returns (the result, the exit code: 0; 1 when label rows were skipped with --skip-bad; 130 / 143 when a signal
+    interrupted training, and the result then says `interrupted` and last.pt resumes it). This is `cifar-cnn train`."""
     stream = stream or sys.stdout
     bar = ProgressBar(stream) if progress else None
 
@@ -145,4 +145,6 @@ def train_and_report(
         log(f"tensorboard: tensorboard --logdir {board.log_dir.absolute()}")
     if report and not result.interrupted:
         result.extra["report"] = write_report(out, data, config, result, threads, log)
-    return result, (stop.exit_code if result.interrupted and stop is not None else 0)
+    if result.interrupted and stop is not None:
+        return result, stop.exit_code
+    return result, 1 if result.get("skipped_images") else 0  # images left out with --skip-bad

@@ -11,22 +11,45 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import LABEL_SETS, STORAGE_MODES, check_choice
 from ..errors import CifarCnnError
-from .cache import cache_path, load_cached, save_cached
-from .download import ARCHIVE_NAME, ensure_cifar10
+from . import catalog
+from .catalog import Catalog
+from .dataset import Dataset, Images, take
+from .download import ARCHIVE_NAME, ensure_cifar10, ensure_cifar100
+from .labels import carve_test_split
 from .sources import (
+    CIFAR100_ARCHIVE,
+    CIFAR100_DIRNAME,
     OFFICIAL_DIRNAME,
     OFFICIAL_TRAIN_BATCHES,
-    Dataset,
+    archive_is_cifar100,
     archive_is_official,
-    read_image_archive,
-    read_image_folder,
+    read_cifar100_archive,
+    read_cifar100_folder,
     read_official_archive,
     read_official_folder,
 )
 from .split import stratified_split, stratified_subset
+from .store import (
+    SPLIT_CODES,
+    Store,
+    build_in_memory,
+    build_store,
+    locked,
+    read_store,
+    remove_store,
+    source_stamp,
+    store_folder,
+)
 
 DEFAULT_SOURCE = "cifar10"
+DEFAULT_TEST_SPLIT = 0.2  # with a labels file that has no split column
+# the named official sets: the kind of source they are and what fetches them into the data home
+OFFICIAL_SETS: dict[str, tuple[str, Callable[[Path, Callable[[str], None]], Path]]] = {
+    "cifar10": ("official-dir", ensure_cifar10),
+    "cifar100": ("cifar100-dir", ensure_cifar100),
+}
 HOME_ENV = "CIFAR_CNN_HOME"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz")
 
@@ -42,18 +65,41 @@ class DataSource:
     files in the data home) or an absolute path, plus the options that shape the data (none yet; label files and
     label sets add theirs here), so that resume, report and export load the same data from any working directory."""
 
-    path: str
+    path: str  # '' (with `storage` set): the run's recorded source, used with this storage
     options: dict[str, Any] = field(default_factory=dict)
+    storage: str = "auto"  # in memory or memory-mapped (STORAGE_MODES): how to hold it, not part of the record
 
     @classmethod
-    def of(cls, data: str | Path | DataSource) -> DataSource:
-        """The record of a `--data` argument: relative paths made absolute, 'cifar10' kept as it is."""
+    def of(
+        cls,
+        data: str | Path | DataSource,
+        *,
+        labels: str | Path | None = None,
+        label_set: str | None = None,
+        skip_bad: bool = False,
+        test_split: float | None = None,
+        storage: str = "auto",
+    ) -> DataSource:
+        """The record of a `--data` argument and the options that go with it: relative paths made absolute,
+        'cifar10' and 'cifar100' kept as they are; only options that change the data are recorded."""
         if isinstance(data, DataSource):
             return data
+        check_choice(storage, STORAGE_MODES, "--image-storage")
         text = str(data)
-        if text == DEFAULT_SOURCE:
-            return cls(DEFAULT_SOURCE)
-        return cls(str(Path(text).expanduser().absolute()))
+        if not text:
+            if labels:
+                raise CifarCnnError("--labels FILE goes with --data DIR, the folder its paths start from; add --data")
+            return cls("", storage=storage)
+        path = text if text in OFFICIAL_SETS else str(Path(text).expanduser().absolute())
+        options: dict[str, Any] = {}
+        if labels:
+            options["labels"] = str(Path(labels).expanduser().absolute())
+            options["test_split"] = float(DEFAULT_TEST_SPLIT if test_split is None else test_split)
+        if label_set and check_choice(label_set, LABEL_SETS, "--label-set") != "fine":
+            options["label_set"] = label_set
+        if skip_bad:
+            options["skip_bad"] = True
+        return cls(path, options, storage)
 
     @classmethod
     def from_dict(cls, record: Any) -> DataSource | None:
@@ -91,32 +137,186 @@ def check_same_data(recorded: dict[str, Any] | None, found: dict[str, Any], what
     )
 
 
-def _resolve(source: str, home: Path, log: Callable[[str], None]) -> tuple[str, Path]:
-    """(kind, path) for a source; kind is 'official-dir', 'official-archive', 'image-dir' or 'image-archive'."""
-    if source == DEFAULT_SOURCE:
-        return "official-dir", ensure_cifar10(home, log)
-    path = Path(source).expanduser()
+def _resolve(source: DataSource, home: Path, log: Callable[[str], None]) -> tuple[str, Path]:
+    """(kind, path) for a source; kind is 'official-dir', 'cifar100-dir', 'labelled-dir', 'image-dir' or
+    'archive' (official, CIFAR-100 or an image tree: decided on a cache miss, as it needs a scan)."""
+    given = source.path
+    if given in OFFICIAL_SETS:
+        if source.options.get("labels"):
+            raise CifarCnnError(f"--labels goes with --data DIR, a folder of images; not with --data {given}")
+        return OFFICIAL_SETS[given][0], OFFICIAL_SETS[given][1](home, log)
+    path = Path(given).expanduser()
     if not path.exists():
         raise CifarCnnError(
-            f"--data {source}: no such file or folder; give 'cifar10', a CIFAR-10 python archive or folder, "
-            "or an image-folder tree or archive"
+            f"--data {given}: no such file or folder; give 'cifar10' or 'cifar100', a CIFAR python archive or "
+            "folder, or an image-folder tree or archive"
         )
+    if source.options.get("labels"):
+        if not path.is_dir():
+            raise CifarCnnError(f"--data {given}: with --labels, --data is the folder the labels' paths start from")
+        return "labelled-dir", path
     if path.is_file():
         if not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-            raise CifarCnnError(f"--data {source}: not a folder or a .tar/.tar.gz/.zip archive")
-        return ("archive", path)  # official or image tree: decided on a cache miss (it needs a scan)
-    if (path / OFFICIAL_TRAIN_BATCHES[0]).exists():
-        return "official-dir", path
-    if (path / OFFICIAL_DIRNAME).is_dir():
-        return "official-dir", path / OFFICIAL_DIRNAME
-    if (path / ARCHIVE_NAME).is_file():
-        return "archive", path / ARCHIVE_NAME
+            raise CifarCnnError(f"--data {given}: not a folder or a .tar/.tar.gz/.zip archive")
+        return "archive", path
+    for kind, marker, target in (
+        ("official-dir", OFFICIAL_TRAIN_BATCHES[0], "."),
+        ("official-dir", OFFICIAL_DIRNAME, OFFICIAL_DIRNAME),
+        ("archive", ARCHIVE_NAME, ARCHIVE_NAME),
+        ("cifar100-dir", f"{CIFAR100_DIRNAME}/train", CIFAR100_DIRNAME),
+        ("cifar100-dir", "meta", "."),
+        ("archive", CIFAR100_ARCHIVE, CIFAR100_ARCHIVE),
+    ):
+        if (path / marker).exists():
+            return kind, (path / target if target != "." else path)
     if (path / "train").is_dir():
         return "image-dir", path
     raise CifarCnnError(
-        f"--data {source}: found neither CIFAR-10 batches ({OFFICIAL_DIRNAME}/, data_batch_1, {ARCHIVE_NAME}) "
-        "nor an image-folder tree (train/<class>/...) in this folder"
+        f"--data {given}: found neither CIFAR batches ({OFFICIAL_DIRNAME}/, data_batch_1, {ARCHIVE_NAME}, "
+        f"{CIFAR100_DIRNAME}/) nor an image-folder tree (train/<class>/...) in this folder"
     )
+
+
+def _catalog(kind: str, path: Path, source: DataSource) -> tuple[str, Catalog]:
+    """(the kind found, what the source holds) for a resolved source."""
+    label_set = source.options.get("label_set", "fine")
+    if kind == "archive":
+        kind = (
+            "official-archive"
+            if archive_is_official(path)
+            else "cifar100-archive"
+            if archive_is_cifar100(path)
+            else "image-archive"
+        )
+    if label_set != "fine" and not kind.startswith("cifar100"):
+        raise CifarCnnError(f"--label-set {label_set}: only CIFAR-100 has a coarse label set; --data {source} is not it")
+    readers: dict[str, Callable[[], Catalog]] = {
+        "official-dir": lambda: catalog.official(read_official_folder(path)),
+        "official-archive": lambda: catalog.official(read_official_archive(path)),
+        "cifar100-dir": lambda: catalog.official(read_cifar100_folder(path, label_set)),
+        "cifar100-archive": lambda: catalog.official(read_cifar100_archive(path, label_set)),
+        "image-dir": lambda: catalog.tree_folder(path),
+        "image-archive": lambda: catalog.tree_archive(path),
+        "labelled-dir": lambda: catalog.labelled_folder(
+            path, Path(source.options["labels"]), skip_bad=bool(source.options.get("skip_bad"))
+        ),
+    }
+    return kind, readers[kind]()
+
+
+def _store_key(kind: str, path: Path, source: DataSource, size: int) -> list:
+    stamps = [source_stamp(path)]
+    if source.options.get("labels"):
+        stamps.append(source_stamp(Path(source.options["labels"])))
+    shaping = {k: v for k, v in source.options.items() if k != "test_split"}
+    return [str(path.resolve()), stamps, size, sorted(shaping.items())]
+
+
+def memory_budget() -> int:
+    """Bytes this process may use: the cgroup's memory.max if one is set, else the memory available now."""
+    limits = []
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(limits) if limits else 8 << 30
+
+
+def keep_in_memory(store_bytes: int, storage: str) -> bool:
+    """Whether decoded images stay in memory: forced by `storage`, else when 5x their size (the training split is
+    normalized to floats) is under half of what the process may use."""
+    check_choice(storage, STORAGE_MODES, "--storage")
+    if storage != "auto":
+        return storage == "memory"
+    return 5 * store_bytes < memory_budget() // 2
+
+
+def _open_or_build(
+    kind: str, path: Path, source: DataSource, size: int, home: Path, storage: str, threads: int, log: Callable
+) -> tuple[Store, list[str]]:
+    """The source's store (and the label rows skipped while reading it), decoding it first if the cache has none."""
+    folder = store_folder(home, _store_key(kind, path, source, size))
+    found = _read(folder, storage, log)
+    if isinstance(found, Store):
+        return found, []
+    t0 = time.perf_counter()
+    kind, cat = _catalog(kind, path, source)
+    what = f"{path} ({kind}, {len(cat.entries)} images)"
+    try:
+        with locked(folder.with_suffix(".lock"), what, log):
+            found = _read(folder, storage, log)  # another process may have built it while this one waited
+            if not isinstance(found, Store):
+                build_store(folder, cat.entries, cat.classes, size, threads=threads, what=what, log=log)
+                log(f"decoded {what} into {folder} in {time.perf_counter() - t0:.1f}s")
+                found = _read(folder, storage, log)
+    except OSError as exc:
+        log(f"warning: cannot write the decode cache under {home} ({exc.strerror or exc}); decoding into memory")
+        found = build_in_memory(cat.entries, cat.classes, size, threads=threads, what=what, log=log)
+        if not keep_in_memory(found.nbytes, storage):
+            raise CifarCnnError(
+                f"data home {home} is not writable and the decoded images ({found.nbytes / 2**30:.1f} GiB) do not fit "
+                f"in memory; set ${HOME_ENV} to a writable folder with room for them"
+            ) from None
+    if not isinstance(found, Store):
+        raise CifarCnnError(f"decode cache {folder}: {found}; delete the folder and run again")
+    return found, cat.skipped
+
+
+def _read(folder: Path, storage: str, log: Callable[[str], None]) -> Store | str:
+    """The complete store in `folder` (in memory or memory-mapped, per `storage`), else why not ('' or a reason)."""
+    found = read_store(folder, in_memory=False)
+    if isinstance(found, Store):
+        if keep_in_memory(found.nbytes, storage):
+            found.pixels = np.array(found.pixels)
+        return found
+    if found and found != "incomplete":
+        log(f"decode cache {folder}: {found}; decoding the source again")
+        remove_store(folder)
+        return ""
+    return found
+
+
+def _dataset(store: Store, source: DataSource, size: int, skipped: list[str]) -> Dataset:
+    """The data set a store holds: in-memory arrays when every image is size x size, else ImageSets; a labels file
+    without a test split gets one carved from its rows (stratified, the same for every run: seed 0)."""
+    parts = {name: store.split(name, size) for name in SPLIT_CODES}
+    if not len(parts["test"][1]) and source.options.get("labels"):
+        fraction = float(source.options.get("test_split", DEFAULT_TEST_SPLIT))
+        images, labels = parts["train"]
+        train_idx, test_idx = carve_test_split(labels, fraction, 0)
+        parts["train"] = (images.take(train_idx), labels[train_idx])
+        parts["test"] = (images.take(test_idx), labels[test_idx])
+        store.meta.setdefault("notes", []).append(
+            f"the labels have no split column: {len(test_idx)} of {len(labels)} rows ({fraction:.0%} of each class, "
+            "seed 0) are the test split"
+        )
+    for name, (images, labels) in list(parts.items()):
+        if not isinstance(store.pixels, np.memmap) and images.uniform:
+            parts[name] = (images[:] if len(images) else np.zeros((0, 3, size, size), np.uint8), labels)
+    (trx, try_), (vx, vy), (tex, tey) = parts["train"], parts["val"], parts["test"]
+    has_val = bool(len(vy))
+    ds = Dataset(trx, try_, tex, tey, list(store.classes), vx if has_val else None, vy if has_val else None)
+    ds.skipped = list(store.meta.get("skipped", [])) + [m for m in skipped if m not in store.meta.get("skipped", [])]
+    ds.notes = list(store.meta.get("notes", [])) + _size_notes(store, size)
+    if not source.options.get("labels") or "test_split" not in source.options:
+        ds.stored_fingerprint = store.meta.get("fingerprint")
+    return ds
+
+
+def _size_notes(store: Store, size: int) -> list[str]:
+    small = int((store.shapes.min(axis=1) < size).sum()) if len(store.shapes) else 0
+    notes = [f"{small} images are smaller than {size} px on their shorter side and are upscaled to it"] if small else []
+    if isinstance(store.pixels, np.memmap):
+        notes.append(f"decoded images ({store.nbytes / 2**30:.2f} GiB) are memory-mapped from {store.pixels.filename}")
+    return notes
 
 
 def load_dataset(
@@ -125,40 +325,23 @@ def load_dataset(
     *,
     home: Path | None = None,
     threads: int | None = None,
-    use_cache: bool = True,
+    storage: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Dataset:
-    """Load a whole data set as uint8 arrays, decoding it only the first time (then from the cache)."""
+    """A whole data set, decoding it only the first time (into the decode cache, `cifar_cnn.data.store`); then
+    memory-mapped from there, or read into memory when it fits (`storage`: auto, memory, disk; default: the
+    source's)."""
     home = home or data_home()
-    source = str(source)
+    source = DataSource.of(source)
+    storage = storage or source.storage
     kind, path = _resolve(source, home, log)
-    cache_file = cache_path(home, path, image_size)
-    if use_cache and (ds := load_cached(cache_file)) is not None:
-        return ds
-    t0 = time.perf_counter()
     threads = threads or os.cpu_count() or 1
-    if kind == "archive":
-        kind = "official-archive" if archive_is_official(path) else "image-archive"
-    if kind.startswith("official") and image_size != 32:
-        raise CifarCnnError(
-            f"--data {source}: official CIFAR-10 images are 32x32 but the model needs {image_size}x{image_size}"
-        )
-    readers = {
-        "official-dir": lambda: read_official_folder(path),
-        "official-archive": lambda: read_official_archive(path),
-        "image-dir": lambda: read_image_folder(path, image_size, threads),
-        "image-archive": lambda: read_image_archive(path, image_size, threads),
-    }
-    ds = readers[kind]()
-    log(
-        f"decoded {path} ({kind}): {len(ds.train_labels)} train, {len(ds.test_labels)} test images, "
-        f"{len(ds.classes)} classes in {time.perf_counter() - t0:.1f}s"
-    )
-    if use_cache:
-        try:
-            save_cached(cache_file, ds)
-        except OSError as exc:
-            log(f"warning: could not write the decode cache {cache_file} ({exc}); continuing without it")
+    store, skipped = _open_or_build(kind, path, source, image_size, home, storage, threads, log)
+    ds = _dataset(store, source, image_size, skipped)
+    for note in ds.notes:
+        log(note)
+    if ds.skipped:
+        log(f"skipped {len(ds.skipped)} unreadable or missing image(s) (--skip-bad); the first: {ds.skipped[0]}")
     return ds
 
 
@@ -166,11 +349,11 @@ def load_dataset(
 class Splits:
     """Arrays for one run: training images, validation images (may be empty) and test images."""
 
-    train_images: np.ndarray
+    train_images: Images
     train_labels: np.ndarray
-    val_images: np.ndarray
+    val_images: Images
     val_labels: np.ndarray
-    test_images: np.ndarray
+    test_images: Images
     test_labels: np.ndarray
     classes: list[str]
 
@@ -181,10 +364,10 @@ def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = N
     x, y = ds.train_images, ds.train_labels
     if subset:
         idx = stratified_subset(y, subset, seed)
-        x, y = x[idx], y[idx]
+        x, y = take(x, idx), y[idx]
     if ds.val_images is not None:
         vx, vy = ds.val_images, ds.val_labels
     else:
         train_idx, val_idx = stratified_split(y, val_split, seed)
-        x, y, vx, vy = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+        x, y, vx, vy = take(x, train_idx), y[train_idx], take(x, val_idx), y[val_idx]
     return Splits(x, y, vx, vy, ds.test_images, ds.test_labels, list(ds.classes))

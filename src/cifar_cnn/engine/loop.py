@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import CLASS_WEIGHTS, check_choice
 from ..config import TrainConfig
 from ..data.pipeline import TensorLoader
 from ..device import autocast
@@ -57,6 +59,30 @@ def make_lr_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
     return fn
 
 
+def loss_weights(mode: str, labels: np.ndarray, num_classes: int, device: torch.device | str) -> torch.Tensor | None:
+    """Per-class weights of the training loss (float32 on `device`), or None for unweighted ("none").
+
+    "auto": inverse class frequency, w_c = N / (C * n_c) for N training images, C classes and n_c images of class c,
+    so every class carries the same total weight and the mean weight over the training images is 1 (the loss keeps
+    its scale, and so does the LR that suits it).
+    """
+    check_choice(mode, CLASS_WEIGHTS, "class_weights")
+    if mode == "none":
+        return None
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    counts = np.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes:
+        raise CifarCnnError(f"a training label is {labels.max()}, but there are only {num_classes} classes")
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise CifarCnnError(
+            f"class_weights=auto: class index {', '.join(map(str, empty))} has no training images, so its inverse "
+            "frequency is infinite: remove the class or add training images of it (or train with class_weights=none)"
+        )
+    weights = len(labels) / (num_classes * counts.astype(np.float64))
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (its small gradients underflow to zero otherwise); bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -84,6 +110,21 @@ def backward_and_step(optimizer: Any, loss: torch.Tensor, scaler: torch.amp.Grad
     return scaler.get_scale() >= scale  # the scale only falls when the step was skipped
 
 
+def batch_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The training loss of one batch: cross-entropy, optionally class-weighted; a weighted "mean" is the weighted sum
+    over the batch's image count (see `train_one_epoch` for why not over the sum of the weights)."""
+    if class_weights is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
+    total = F.cross_entropy(logits, y, weight=class_weights, label_smoothing=label_smoothing, reduction="sum")
+    return total / len(y) if reduction == "mean" else total
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: TensorLoader,
@@ -102,6 +143,7 @@ def train_one_epoch(
     on_step: Callable[[int, EpochTotals], bool] | None = None,
     loss_weight: Callable[[int, int], float] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[EpochTotals, int]:
     """Train over one epoch's batches from `start_step`; returns the epoch's totals and the next step to run.
 
@@ -109,6 +151,12 @@ def train_one_epoch(
     interrupt), and the returned step is where a resumed run continues. `loss_weight(step, n)` scales the loss of a
     batch of n images before backward (distributed shards; see cifar_cnn.distributed). `scaler` (fp16) scales the
     loss for backward and skips steps whose gradients overflowed.
+
+    `class_weights` (see `loss_weights`) weights each image's cross-entropy by its class's weight. With the mean
+    reduction the weighted sum is divided by the batch's image count, not by the sum of its weights (PyTorch's
+    weighted mean): the count is what the distributed `loss_weight` rescales by, so N processes stay exactly the one
+    process run, and as the weights average 1 over the training set the loss keeps its scale (and is an unbiased
+    estimate of the weighted loss of the whole set). The epoch's reported training loss is then this weighted loss.
     """
     model.train()
     totals = totals or EpochTotals()
@@ -121,7 +169,7 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction=loss_reduction)
+        loss = batch_loss(logits.float(), y, label_smoothing, loss_reduction, class_weights)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "

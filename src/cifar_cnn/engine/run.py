@@ -173,6 +173,7 @@ def fit(
             device=state.device,
             precision=state.precision,
             label_smoothing=config.label_smoothing,
+            class_weights=state.class_weights,
             loss_reduction=config.loss_reduction,
             channels_last=state.channels_last,
             start_step=state.start_step,
@@ -337,6 +338,8 @@ def train(
         progress.run_start(state)
     interrupted = fit(state, Checkpointer(paths, state), hooks, log)
     result = TrainResult(str(paths.root), interrupted, state.history)
+    if state.data.skipped:
+        result.extra["skipped_images"] = len(state.data.skipped)
     if not dist.is_main:
         dist.finish()
         return result

@@ -3,12 +3,14 @@ and the position to start from (a fresh start, or exactly where a resumed checkp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +18,9 @@ from .. import presets, transfer
 from ..checkpoint import state_dict_mismatch
 from ..config import TrainConfig, apply, validate
 from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
+from ..data.dataset import ImageSet
 from ..data.pipeline import Augment, TensorLoader, normalize_split
+from ..data.stream import StreamLoader
 from ..device import compute_dtype, resolve_device, resolve_precision
 from ..distributed import DistContext
 from ..ema import WeightEMA
@@ -24,13 +28,12 @@ from ..errors import CifarCnnError
 from ..hooks import EpochTotals
 from ..models import create_model
 from ..rundir import recorded_fingerprint, recorded_source, resolve_source
-from .loop import make_lr_fn, make_scaler, optimizer_for
+from .loop import loss_weights, make_lr_fn, make_scaler, optimizer_for
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config stored in a checkpoint, with command-line overrides (e.g. more --epochs) applied."""
-    stored = {k: (tuple(v) if k in ("mean", "std") and v is not None else v) for k, v in checkpoint["config"].items()}
-    config = apply(TrainConfig(), stored, "checkpoint config")
+    config = apply(TrainConfig(), dict(checkpoint["config"]), "checkpoint config")
     return validate(apply(config, dict(overrides or {}), "command line"))
 
 
@@ -45,6 +48,7 @@ class RunData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     stats_from: str  # 'model', 'config' or 'dataset'
+    skipped: list[str] = field(default_factory=list)  # label rows left out (--skip-bad): the command exits 1
 
     def record(self) -> dict[str, Any]:
         """The data-source record a run keeps in its checkpoints and run.json: path, options, fingerprint."""
@@ -72,6 +76,7 @@ class RunState:
     scaler: torch.amp.GradScaler | None
     lr_fn: Callable[[int], float]
     transferred: dict[str, Any] | None = None
+    class_weights: torch.Tensor | None = None  # per-class loss weights (config.class_weights), on the device
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0  # epochs completed
     start_step: int = 0  # steps of the next epoch already done (a checkpoint saved inside an epoch)
@@ -96,7 +101,11 @@ def load_run_data(
     """The run's data: `data`, else (resuming) the source the checkpoint recorded, else 'cifar10'. Resuming on data
     that differs from what the run trained on (classes, counts, content) is refused."""
     run_dir = Path(resume).parent if ckpt is not None and resume else None
+    if data is not None and not isinstance(data, DataSource):  # a path: with the config's data options
+        data = DataSource.of(data, label_set=config.label_set, test_split=config.test_split)
     source = resolve_source(data, ckpt, run_dir)
+    if config.image_storage != "auto":
+        source = dataclasses.replace(source, storage=config.image_storage)
     input_size = presets.resolve_input_size(config)
     ds = load_dataset(source, input_size, home=home, threads=threads, log=log)
     fingerprint = ds.fingerprint()
@@ -104,29 +113,42 @@ def load_run_data(
         if list(ckpt["classes"]) != list(ds.classes):
             raise CifarCnnError(f"{resume}: its classes {ckpt['classes']} differ from the data's {ds.classes}")
         recorded = recorded_source(ckpt, run_dir)
-        given = str(source) if data else None
+        given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
     splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
     mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images)
-    return RunData(source, fingerprint, splits, input_size, mean, std, stats_from)
+    return RunData(source, fingerprint, splits, input_size, mean, std, stats_from, list(ds.skipped))
 
 
 def build_loader(config: TrainConfig, data: RunData, precision: str, device: torch.device, dist: DistContext) -> Any:
-    """The training split in memory, normalized once in the compute precision (half the bytes with bf16), batched
-    and augmented per step; under torchrun, this rank's shard of every global batch."""
-    train_x = normalize_split(data.splits.train_images, data.mean, data.std, compute_dtype(precision), device)
-    train_y = torch.from_numpy(data.splits.train_labels).to(device)
-    loader = TensorLoader(
-        train_x,
-        train_y,
-        config.batch_size,
-        shuffle=True,
-        drop_last=config.drop_last,
-        augment=augment_of(config),
-        seed=config.seed,
+    """The training batches: a split held in memory at the training size is normalized once in the compute precision
+    (half the bytes with bf16) and batched with tensor ops; images at other sizes, memory-mapped ones and
+    random-resized crops are read, cropped and normalized a batch at a time (cifar_cnn.data.stream). Under torchrun,
+    this rank's shard of every global batch."""
+    images, labels = data.splits.train_images, data.splits.train_labels
+    common = dict(
+        shuffle=True, sampler=config.sampler, drop_last=config.drop_last, augment=augment_of(config), seed=config.seed
     )
+    if isinstance(images, np.ndarray) and config.crop_scale is None:
+        train_x = normalize_split(images, data.mean, data.std, compute_dtype(precision), device)
+        loader: TensorLoader = TensorLoader(train_x, torch.from_numpy(labels).to(device), config.batch_size, **common)
+    else:
+        if isinstance(images, np.ndarray):  # in memory at the training size, but cropped per step
+            images = ImageSet.of_array(images)
+        loader = StreamLoader(
+            images,
+            labels,
+            config.batch_size,
+            mean=data.mean,
+            std=data.std,
+            dtype=compute_dtype(precision),
+            device=device,
+            crop_scale=config.crop_scale,
+            crop_ratio=config.crop_ratio,
+            **common,
+        )
     if len(loader) == 0:
-        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(train_y)} training images")
+        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(labels)} training images")
     return dist.shard(loader)
 
 
@@ -138,7 +160,7 @@ def augment_of(config: TrainConfig) -> Augment:
 def build_model(
     config: TrainConfig,
     data: RunData,
-    train_x: torch.Tensor,
+    sample: Callable[[], torch.Tensor],
     ckpt: dict[str, Any] | None,
     resume: str | Path | None,
     log: Callable[[str], None],
@@ -155,7 +177,7 @@ def build_model(
                 f"{resume}: weights do not fit model {config.model!r} ({state_dict_mismatch(exc)})"
             ) from None
     elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer, computed from training images
-        model.init_from_data(train_x[:5000].float().cpu())
+        model.init_from_data(sample().float().cpu())
     transferred = transfer.prepare_model(model, config, data.splits.classes, load_weights=ckpt is None, log=log)
     return model, transferred
 
@@ -198,7 +220,7 @@ def build_run_state(
     channels_last = config.channels_last and precision != "fp32"
     run_data = load_run_data(config, data, ckpt, resume, home=home, threads=threads, log=log)
     loader = build_loader(config, run_data, precision, device, dist)
-    model, transferred = build_model(config, run_data, _images_of(loader), ckpt, resume, log)
+    model, transferred = build_model(config, run_data, lambda: _images_of(loader), ckpt, resume, log)
     model = dist.prepare_model(model, device)
     model.to(device)
     if channels_last:
@@ -228,6 +250,7 @@ def build_run_state(
         scaler=make_scaler(device, precision),
         lr_fn=make_lr_fn(config, len(loader)),
         transferred=transferred,
+        class_weights=loss_weights(config.class_weights, run_data.splits.train_labels, len(run_data.splits.classes), device),
     )
     if ckpt is not None:
         restore_position(state, ckpt, resume)
@@ -235,6 +258,7 @@ def build_run_state(
     return state
 
 
-def _images_of(loader: Any) -> torch.Tensor:
-    """The normalized training images behind a loader (or behind the loader a distributed shard wraps)."""
-    return getattr(loader, "loader", loader).images
+def _images_of(loader: Any, n: int = 5000) -> torch.Tensor:
+    """The first n normalized training images behind a loader (or behind the loader a distributed shard wraps)."""
+    inner = getattr(loader, "loader", loader)
+    return inner.sample(n) if isinstance(inner, StreamLoader) else inner.images[:n]

@@ -1,0 +1,143 @@
+"""What a source holds, before decoding: its class names and one `store.Entry` per image, in canonical order
+(split, class, then natural order of the names), for every form of source: image-folder trees (a folder or an
+archive), a folder with a labels file, and the official CIFAR python files (already decoded arrays)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ..errors import CifarCnnError
+from .dataset import Dataset
+from .images import image_extensions
+from .labels import read_labels
+from .sources import (
+    SPLITS,
+    _checked_members,
+    _open_tar,
+    _read_tar_member,
+    _tree_entry,
+    check_member_name,
+    natural_key,
+    zlib_error,
+)
+from .store import SPLIT_CODES, Entry
+
+
+@dataclass
+class Catalog:
+    """A source's classes and images to decode; `skipped`: label rows left out (--skip-bad)."""
+
+    classes: list[str]
+    entries: list[Entry]
+    skipped: list[str] = field(default_factory=list)
+    has_val: bool = False
+
+
+def _ordered(items: list[tuple[str, str, str, Path | Callable[[], bytes], bool]], classes: list[str]) -> list[Entry]:
+    """Entries from (split, class, name, load, skippable) sorted by split, class and natural name order."""
+    label = {c: i for i, c in enumerate(classes)}
+    items.sort(key=lambda it: (SPLIT_CODES[it[0]], label[it[1]], natural_key(it[2])))
+    return [Entry(name, load, label[cls], SPLIT_CODES[split], skip) for split, cls, name, load, skip in items]
+
+
+def _check_tree(by_split: dict[str, dict[str, int]], where: str) -> list[str]:
+    """The class names of an image-folder tree (train/'s class folders), after checking its layout."""
+    for split in ("train", "test"):
+        if split not in by_split:
+            raise CifarCnnError(
+                f"{where}: no images under {split}/; an image-folder data set needs "
+                f"{split}/<class>/<image> files (found splits: {', '.join(sorted(by_split)) or 'none'})"
+            )
+    classes = sorted(by_split["train"])
+    if len(classes) < 2:
+        raise CifarCnnError(f"{where}: train/ has {len(classes)} class folder(s) with images; at least 2 are needed")
+    for split, groups in by_split.items():
+        extra = sorted(set(groups) - set(classes))
+        if extra:
+            raise CifarCnnError(f"{where}: {split}/ has class folders {extra} that train/ does not have")
+    return classes
+
+
+def _tree_catalog(found: Iterable[tuple[str, str, str, Path | Callable[[], bytes]]], where: str) -> Catalog:
+    items = [(split, cls, name, load, False) for split, cls, name, load in found]
+    by_split: dict[str, dict[str, int]] = {}
+    for split, cls, *_ in items:
+        by_split.setdefault(split, {}).setdefault(cls, 0)
+        by_split[split][cls] += 1
+    classes = _check_tree(by_split, where)
+    return Catalog(classes, _ordered(items, classes), has_val="val" in by_split)
+
+
+def tree_folder(root: Path) -> Catalog:
+    """An image-folder tree on disk: ROOT/{train,test[,val]}/<class>/<image>."""
+    exts, found = image_extensions(), []
+    for split in SPLITS:
+        base = root / split
+        for dirpath, _, files in os.walk(base):
+            for fname in files:
+                path = Path(dirpath) / fname
+                hit = _tree_entry(PurePosixPath(path.relative_to(root).as_posix()), exts)
+                if hit is not None:
+                    found.append((hit[0], hit[1], str(path), path))
+    return _tree_catalog(found, str(root))
+
+
+def tree_archive(path: Path) -> Catalog:
+    """An image-folder tree inside a .tar, .tar.gz or .zip archive (nothing is extracted). Zip members are read when
+    decoded; a tar archive (read front to back) is read into memory first."""
+    exts, found = image_extensions(), []
+    if zipfile.is_zipfile(path):
+        try:
+            zf = zipfile.ZipFile(path)
+            for info in zf.infolist():
+                hit = None if info.is_dir() else _tree_entry(check_member_name(info.filename, path), exts)
+                if hit is not None:
+                    found.append((hit[0], hit[1], f"{path}:{info.filename}", _zip_reader(zf, info, path)))
+        except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
+            raise CifarCnnError(f"{path}: zip archive is corrupt or truncated ({exc})") from None
+        return _tree_catalog(found, str(path))
+    with _open_tar(path) as tf:
+        for m in _checked_members(tf, path):
+            hit = _tree_entry(check_member_name(m.name, path), exts) if m.isfile() else None
+            if hit is not None:
+                blob = _read_tar_member(tf, m, path)
+                found.append((hit[0], hit[1], f"{path}:{m.name}", (lambda b=blob: b)))
+    return _tree_catalog(found, str(path))
+
+
+def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        try:
+            return zf.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
+            raise CifarCnnError(f"{path}: zip archive is corrupt or truncated at {info.filename} ({exc})") from None
+
+    return read
+
+
+def labelled_folder(root: Path, labels_file: Path, *, skip_bad: bool) -> Catalog:
+    """A folder of images named by a labels file (CSV or JSON lines, see cifar_cnn.data.labels). Without a split
+    column every row is a training row (the caller carves the test split)."""
+    table = read_labels(root, labels_file, skip_bad=skip_bad)
+    items = [(r.split or "train", r.label, f"{r.where}: {r.rel}", r.path, skip_bad) for r in table.rows]
+    catalog = Catalog(list(table.classes), _ordered(items, list(table.classes)), list(table.skipped))
+    catalog.has_val = any(r.split == "val" for r in table.rows)
+    return catalog
+
+
+def official(ds: Dataset) -> Catalog:
+    """The official python files, already decoded to arrays by cifar_cnn.data.sources."""
+    entries = []
+    for split in ("train", "val", "test"):
+        images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+        if images is None:
+            continue
+        code = SPLIT_CODES[split]
+        entries += [Entry(f"{split}[{i}]", images[i], int(y), code) for i, y in enumerate(np.asarray(labels))]
+    return Catalog(list(ds.classes), entries, has_val=ds.val_images is not None)
