@@ -183,3 +183,21 @@ def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
         pytest.fail(f"the shared data archive is missing: {SHARED_ARCHIVE} (CI and the README expect it there)")
     return SHARED_ARCHIVE
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real tmpfs of a given size (tests run as root; file permissions would not stop root). Remount it read-only
+    with `mount -o remount,ro`."""
+    mounts = []
+
+    def make(size_bytes: int) -> Path:
+        mnt = tmp_path / f"disk{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mnt)], check=True)
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -1,13 +1,15 @@
-"""Data sources: official batches (both pickle encodings, folder and archive), image folders and archives, the
-decode cache, conversions back and forth, and the shared JPEG archive."""
+"""Data sources: official batches (both pickle encodings, folder and archive), CIFAR-100 (folder and archive, fine and
+coarse labels), image folders and archives, the decode cache, conversions back and forth, and the shared JPEG
+archive."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import pickletools
 import shutil
-import time
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +17,21 @@ import pytest
 from PIL import Image
 
 from cifar_cnn.data import load_dataset
-from cifar_cnn.data.cache import load_cached
 from cifar_cnn.data.images import decode_image
-from cifar_cnn.data.sources import Dataset, canonical_order
+from cifar_cnn.data.sources import (
+    CIFAR100_DIRNAME,
+    Dataset,
+    archive_is_cifar100,
+    archive_is_official,
+    canonical_order,
+    read_cifar100_archive,
+    read_cifar100_folder,
+    read_official_folder,
+)
 from cifar_cnn.errors import CifarCnnError
 
-from .conftest import CLASSES, make_images, make_tar, make_zip, write_official_batches
-from .data_writers import write_image_folder, write_official
+from .conftest import CLASSES, make_images, make_tar, make_zip, py2_dumps, write_official_batches
+from .data_writers import Cifar100Written, write_cifar100, write_image_folder, write_official
 
 
 def quiet(_: str) -> None:
@@ -147,37 +157,6 @@ def test_resize_center_crop_matches_pillow_reference() -> None:
     buf.unlink()
 
 
-def test_decode_cache_second_load_fast_and_invalidated(tmp_path: Path, tiny_arrays: dict, data_home: Path) -> None:
-    root = write_image_folder(expected(tiny_arrays), tmp_path / "imgs")
-    messages: list[str] = []
-    load_dataset(str(root), log=messages.append)
-    assert any("decoded" in m for m in messages)
-    assert len(list((data_home / "cache").glob("decoded-*.npz"))) == 1
-    messages.clear()
-    t0 = time.perf_counter()
-    ds = load_dataset(str(root), log=messages.append)
-    assert messages == [] and time.perf_counter() - t0 < 2.0  # from the cache: nothing decoded
-    # change one image: the cache entry no longer applies and the new pixels are read
-    target = root / "test" / "airplane" / "0000.png"
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
-    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
-    ds2 = load_dataset(str(root), log=messages.append)
-    assert any("decoded" in m for m in messages)
-    assert ds2.test_images[0].sum() == 0 and ds.test_images[0].sum() > 0
-
-
-def test_corrupt_cache_is_rebuilt(tmp_path: Path, tiny_arrays: dict, data_home: Path) -> None:
-    root = write_image_folder(expected(tiny_arrays), tmp_path / "imgs")
-    load_dataset(str(root), log=quiet)
-    cache = next((data_home / "cache").glob("decoded-*.npz"))
-    cache.write_bytes(b"garbage")
-    assert load_cached(cache) is None  # unreadable: the loader must decode the source again
-    assert_same(load_dataset(str(root), log=quiet), expected(tiny_arrays))
-    rebuilt = load_cached(cache)  # and write a good cache in its place
-    assert rebuilt is not None
-    assert_same(rebuilt, expected(tiny_arrays))
-
-
 def test_val_folder_is_used(tmp_path: Path, tiny_arrays: dict) -> None:
     ds = expected(tiny_arrays)
     ds.val_images, ds.val_labels = ds.test_images[:30], ds.test_labels[:30]
@@ -210,3 +189,214 @@ def test_make_images_helper_sane(n: int) -> None:
 def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CifarCnnError, match="no such file or folder"):
         load_dataset(str(tmp_path / "nope"), log=quiet)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CIFAR-100 (official python format): train, test, meta in cifar-100-python/, fine or coarse labels
+
+
+def by_class(images: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical order computed independently: class 0's images in file order, then class 1's, ..."""
+    idx = np.concatenate([np.flatnonzero(labels == c) for c in range(num_classes)])
+    return images[idx], labels[idx]
+
+
+def expected_cifar100(w: Cifar100Written, label_set: str) -> Dataset:
+    names = w.fine_names if label_set == "fine" else w.coarse_names
+    train_y = w.train_fine if label_set == "fine" else w.train_coarse
+    test_y = w.test_fine if label_set == "fine" else w.test_coarse
+    tx, ty = by_class(w.train_images, train_y, len(names))
+    sx, sy = by_class(w.test_images, test_y, len(names))
+    return Dataset(tx, ty, sx, sy, list(names))
+
+
+@pytest.fixture
+def c100(tmp_path: Path) -> Cifar100Written:
+    """A small CIFAR-100 (2 train, 1 test image per fine class) in an extracted cifar-100-python/ folder."""
+    return write_cifar100(tmp_path / "holder" / CIFAR100_DIRNAME)
+
+
+def test_cifar100_writer_is_the_official_format(c100: Cifar100Written) -> None:
+    """Python 2 opcodes and the official keys, read back with a plain unpickler as other CIFAR-100 code does."""
+    blob = (c100.path / "train").read_bytes()
+    ops = {op.name for op, _, _ in pickletools.genops(blob)}
+    assert "BINUNICODE" not in ops and "SHORT_BINUNICODE" not in ops and b"numpy.core.multiarray" in blob
+    d = pickle.loads(blob, encoding="bytes")
+    assert set(d) == {b"filenames", b"batch_label", b"fine_labels", b"coarse_labels", b"data"}
+    assert d[b"data"].dtype == np.uint8 and d[b"data"].shape == (200, 3072)
+    # row layout: the red plane (first 1024 values) is the fine label, the green plane the index within the class
+    assert (d[b"data"][:, :1024] == np.array(d[b"fine_labels"])[:, None]).all()
+    assert d[b"coarse_labels"] == c100.fine_to_coarse[d[b"fine_labels"]].tolist()
+    meta = pickle.loads((c100.path / "meta").read_bytes(), encoding="bytes")
+    assert len(meta[b"fine_label_names"]) == 100 and len(meta[b"coarse_label_names"]) == 20
+    assert np.bincount(c100.fine_to_coarse).tolist() == [5] * 20
+
+
+@pytest.mark.parametrize("label_set", ["fine", "coarse"])
+def test_cifar100_folder_and_parent(c100: Cifar100Written, label_set: str) -> None:
+    want = expected_cifar100(c100, label_set)
+    ds = read_cifar100_folder(c100.path, label_set)
+    assert_same(ds, want)
+    assert ds.classes == (c100.fine_names if label_set == "fine" else c100.coarse_names)  # meta's order, not sorted
+    assert_same(read_cifar100_folder(c100.path.parent, label_set), want)  # the folder holding cifar-100-python/
+
+
+def test_cifar100_fine_labels_and_pixels_land_together(c100: Cifar100Written) -> None:
+    """In canonical order image i of fine class c is the i-th image of c in the file: red = c, green = i."""
+    ds = read_cifar100_folder(c100.path, "fine")
+    assert ds.train_labels.tolist() == np.repeat(np.arange(100), 2).tolist()
+    assert ds.test_labels.tolist() == list(range(100))
+    assert (ds.train_images[:, 0] == ds.train_labels[:, None, None]).all()
+    assert ds.train_images[:, 1, 0, 0].tolist() == [0, 1] * 100
+    assert (ds.test_images[:, 1] == 0).all()
+
+
+def test_cifar100_coarse_is_consistent_with_fine(c100: Cifar100Written) -> None:
+    """Every image read with coarse labels carries its fine class in its pixels: that class's superclass must be its
+    label, each superclass holds its 5 fine classes' images, and fine classes keep their file order inside it."""
+    fine = read_cifar100_folder(c100.path, "fine")
+    coarse = read_cifar100_folder(c100.path, "coarse")
+    pixel_fine = coarse.train_images[:, 0, 0, 0].astype(np.int64)
+    assert coarse.train_labels.tolist() == c100.fine_to_coarse[pixel_fine].tolist()
+    assert (
+        np.bincount(coarse.train_labels).tolist() == [10] * 20 and np.bincount(coarse.test_labels).tolist() == [5] * 20
+    )
+    # the same images, only grouped differently
+    assert sorted(map(bytes, coarse.train_images)) == sorted(map(bytes, fine.train_images))
+    assert np.array_equal(coarse.test_images, by_class(c100.test_images, c100.test_coarse, 20)[0])
+
+
+@pytest.mark.parametrize("label_set", ["fine", "coarse"])
+def test_cifar100_archive(tmp_path: Path, label_set: str) -> None:
+    w = write_cifar100(tmp_path / "cifar-100-python.tar.gz", seed=5)
+    assert_same(read_cifar100_archive(w.path, label_set), expected_cifar100(w, label_set))
+    # the same content extracted reads the same
+    with tarfile.open(w.path) as tf:
+        tf.extractall(tmp_path / "x", filter="data")
+    assert_same(read_cifar100_folder(tmp_path / "x", label_set), read_cifar100_archive(w.path, label_set))
+
+
+def test_archive_kind_detection(tmp_path: Path, official_dir: Path, tiny_arrays: dict) -> None:
+    c100 = write_cifar100(tmp_path / "c100.tar.gz").path
+    c10 = make_tar(official_dir, tmp_path / "cifar-10-python.tar.gz")
+    images = make_tar(write_image_folder(expected(tiny_arrays), tmp_path / "imgs"), tmp_path / "imgs.tar.gz")
+    flat = make_tar(write_cifar100(tmp_path / "flat").path, tmp_path / "flat.tar", "w", arcname=".")
+    assert (archive_is_cifar100(c100), archive_is_official(c100)) == (True, False)
+    assert (archive_is_cifar100(c10), archive_is_official(c10)) == (False, True)
+    assert (archive_is_cifar100(images), archive_is_official(images)) == (False, False)
+    assert archive_is_cifar100(flat)  # ./train beside ./meta, without the cifar-100-python/ folder
+    assert not archive_is_cifar100(make_zip(tmp_path / "flat", tmp_path / "flat.zip"))
+    # a lone file named train (an image tree's stray file) is not enough
+    lone = tmp_path / "lone"
+    (lone / "train").mkdir(parents=True)
+    (lone / "sub").mkdir()
+    (lone / "sub" / "train").write_bytes(b"x")
+    (lone / "meta").write_bytes(b"x")
+    assert not archive_is_cifar100(make_tar(lone, tmp_path / "lone.tar.gz"))
+
+
+def test_cifar100_unknown_label_set(c100: Cifar100Written) -> None:
+    for read in (read_cifar100_folder, read_cifar100_archive):
+        with pytest.raises(CifarCnnError, match=r"must be one of fine, coarse, got 'medium'"):
+            read(c100.path, "medium")
+
+
+def _py2(d: dict) -> bytes:
+    return py2_dumps({k.encode(): v for k, v in d.items()})
+
+
+def _c100_file(n: int = 3, **override: object) -> dict:
+    d = {"data": np.zeros((n, 3072), np.uint8), "fine_labels": [0] * n, "coarse_labels": [0] * n}
+    d.update(override)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+class _Gadget:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+C100_BAD = {
+    "missing-train": ("train", None, "fine", "missing train; the official CIFAR-100 set has train, test and meta"),
+    "missing-meta": ("meta", None, "coarse", "missing meta; the official CIFAR-100 set has train, test and meta"),
+    "garbage": ("test", b"\x00garbage" * 10, "fine", "test: not a readable CIFAR-100 python file"),
+    "not-a-dict": ("train", pickle.dumps([1, 2], protocol=2), "fine", "train: expected a pickled dict"),
+    "code-gadget": ("train", pickle.dumps({"data": _Gadget()}, protocol=2), "fine", r"posix\.system"),
+    "no-fine-labels": ("train", _py2(_c100_file(fine_labels=None)), "fine", "needs a 'data' array and 'fine_labels'"),
+    "fine-out-of-range": ("test", _py2(_c100_file(fine_labels=[0, 100, 1])), "fine", "fine_labels must be in 0..99"),
+    "coarse-out-of-range": ("test", _py2(_c100_file(coarse_labels=[20, 0, 1])), "coarse", "in 0..19"),
+    "negative": ("train", _py2(_c100_file(coarse_labels=[-1, 0, 1])), "coarse", r"found -1\.\.1"),
+    "label-count": ("train", _py2(_c100_file(fine_labels=[0, 1])), "fine", "'fine_labels' must be 3 integers"),
+    "wrong-width": ("train", _py2(_c100_file(data=np.zeros((3, 1024), np.uint8))), "fine", r"\(n, 3072\)"),
+    "float-pixels": ("test", _py2(_c100_file(data=np.zeros((3, 3072), np.float32))), "fine", "must be uint8"),
+    "no-coarse-names": ("meta", _py2({"fine_label_names": [b"a"] * 100}), "coarse", "expected 'coarse_label_names'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(C100_BAD))
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_cifar100_bad_files_are_one_line_errors(c100: Cifar100Written, tmp_path: Path, case: str, form: str) -> None:
+    name, blob, label_set, fragment = C100_BAD[case]
+    target = c100.path / name
+    if blob is None:
+        target.unlink()
+    else:
+        target.write_bytes(blob)
+    source = c100.path if form == "folder" else make_tar(c100.path, tmp_path / "c.tar.gz")
+    read = read_cifar100_folder if form == "folder" else read_cifar100_archive
+    with pytest.raises(CifarCnnError, match=fragment) as info:
+        read(source, label_set)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and str(source) in message
+    if blob is not None and case != "code-gadget":
+        assert f"{source}/{name}" in message  # the file at fault
+
+
+def test_cifar100_other_label_set_still_reads(c100: Cifar100Written) -> None:
+    """A bad coarse label set does not stop the fine one (only the labels asked for are checked)."""
+    d = pickle.loads((c100.path / "test").read_bytes(), encoding="latin1")
+    d["coarse_labels"] = [99] * len(d["coarse_labels"])
+    (c100.path / "test").write_bytes(py2_dumps(d))
+    assert_same(read_cifar100_folder(c100.path, "fine"), expected_cifar100(c100, "fine"))
+    with pytest.raises(CifarCnnError, match="coarse_labels must be in 0..19"):
+        read_cifar100_folder(c100.path, "coarse")
+
+
+@pytest.mark.parametrize("bad_name", ["../escape", "/abs/escape", "cifar-100-python/../../escape"])
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+@pytest.mark.parametrize("first", [True, False])
+def test_cifar100_unsafe_archive_member_refused(
+    c100: Cifar100Written, tmp_path: Path, bad_name: str, mode: str, first: bool
+) -> None:
+    """The reader refuses the archive wherever the bad member is; the detector, which stops at the first sign of
+    CIFAR-100, refuses it when it comes first."""
+    archive = tmp_path / ("unsafe.tar" if mode == "w" else "unsafe.tar.gz")
+    info = tarfile.TarInfo(bad_name)
+    info.size = 2
+    with tarfile.open(archive, mode) as tf:
+        if first:
+            tf.addfile(info, io.BytesIO(b"hi"))
+        tf.add(c100.path, arcname=CIFAR100_DIRNAME)
+        if not first:
+            tf.addfile(info, io.BytesIO(b"hi"))
+    for check in (read_cifar100_archive, archive_is_cifar100) if first else (read_cifar100_archive,):
+        with pytest.raises(CifarCnnError, match="refusing archive member .*unsafe"):
+            check(archive)
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_cifar100_truncated_archive(tmp_path: Path) -> None:
+    archive = write_cifar100(tmp_path / "cifar-100-python.tar.gz").path
+    blob = archive.read_bytes()
+    archive.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CifarCnnError, match="truncated"):
+        read_cifar100_archive(archive)
+
+
+def test_cifar10_reader_unchanged_by_the_refactor(official_dir: Path, tiny_arrays: dict) -> None:
+    """CIFAR-10 still reads without batches.meta (the class names are known), and its messages say CIFAR-10."""
+    (official_dir / "batches.meta").unlink()
+    assert_same(read_official_folder(official_dir), expected(tiny_arrays))
+    (official_dir / "data_batch_2").write_bytes(b"\x00junk")
+    with pytest.raises(CifarCnnError, match="data_batch_2: not a readable CIFAR-10 python file"):
+        read_official_folder(official_dir)

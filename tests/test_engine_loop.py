@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_cnn import load_checkpoint, resolve_config, train
+from cifar_cnn.data.pipeline import TensorLoader, derived_generator
 from cifar_cnn.engine import state as engine_state
-from cifar_cnn.engine.loop import backward_and_step, make_scaler, set_lrs
+from cifar_cnn.engine.loop import backward_and_step, loss_weights, make_scaler, set_lrs, train_one_epoch
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,3 +99,35 @@ def test_fp16_run_saves_the_scaler_and_resumes_exactly(tmp_path: Path, official_
     assert resumed["scaler_state"] == ckpt["scaler_state"]
     for k, v in ckpt["model_state"].items():
         assert torch.equal(v, resumed["model_state"][k]), k
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_class_weighted_epoch_equals_hand_written_sgd(reduction: str) -> None:
+    """train_one_epoch with class weights: each step is SGD on sum_i w[y_i] * CE_i (divided by the batch's image count
+    for "mean"), and the epoch's reported loss sums that weighted loss."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 4, generator=g), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
+    weights = loss_weights("auto", y.numpy(), 3, "cpu")
+    assert torch.allclose(weights, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    loader = TensorLoader(x, y, batch_size=4, shuffle=True, seed=1)
+    model, opt = model_and_optimizer()
+    totals, next_step = train_one_epoch(
+        model, loader, opt, epoch=0, lr_fn=lambda step: 1.0, peak_lrs=[0.1], device=torch.device("cpu"),
+        loss_reduction=reduction, class_weights=weights,
+    )  # fmt: skip
+    assert next_step == 3 and totals.seen == 10
+
+    ref, _ = model_and_optimizer()
+    w, b = ref.weight.detach().clone(), ref.bias.detach().clone()
+    loss_sum = 0.0
+    order = torch.randperm(10, generator=derived_generator(1, 0, -1))  # the loader's epoch-0 order
+    for idx in order.split(4):
+        w.requires_grad_(True), b.requires_grad_(True)
+        logp = (x[idx] @ w.T + b).log_softmax(1)
+        weighted = -(weights[y[idx]] * logp[torch.arange(len(idx)), y[idx]]).sum()
+        loss = weighted / len(idx) if reduction == "mean" else weighted
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        w, b = (w - 0.1 * gw).detach(), (b - 0.1 * gb).detach()
+        loss_sum += weighted.item()
+    assert torch.allclose(model.weight, w, atol=1e-6) and torch.allclose(model.bias, b, atol=1e-6)
+    assert totals.loss_sum == pytest.approx(loss_sum, rel=1e-5)

@@ -183,23 +183,6 @@ def test_kill_9_twenty_times(tmp_path: Path, official_dir: Path, reference: Path
     assert metrics_epochs(out) == [1, 2, 3, 4]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real tmpfs of a given size (tests run as root; file permissions would not stop root)."""
-    mounts = []
-
-    def make(size_bytes: int) -> Path:
-        mnt = tmp_path / f"disk{len(mounts)}"
-        mnt.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mnt)], check=True)
-        mounts.append(mnt)
-        return mnt
-
-    yield make
-    for mnt in mounts:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_keeps_previous_checkpoint(tmp_path: Path, official_dir: Path, reference: Path, small_disk) -> None:
     size = (reference / "best.pt").stat().st_size
     disk = small_disk(int(size * 2.6))  # room for best.pt and last.pt of epoch 1, not for a third file

@@ -14,9 +14,8 @@ run's data source. The engine writes through it; report, export, bench, tune and
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json

@@ -183,5 +183,6 @@ def fingerprint_of(arrays: dict[str, Any], classes: list[str], counts: dict[str,
                 digest.update(memoryview(np.ascontiguousarray(array.image(i))).cast("B"))
             continue
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        if array.size:
+            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return {"classes": list(classes), "counts": dict(counts), "sha256": digest.hexdigest()}

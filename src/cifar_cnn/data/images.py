@@ -8,14 +8,14 @@ size) (`stored_shape`, `decode_stored`); the tensor pipeline crops and resizes f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
-
-import numpy as np
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import CifarCnnError
@@ -101,10 +101,8 @@ def _loaded_rgb(im: Image.Image, draft_to: tuple[int, int] | None = None) -> Ima
             w, h = h, w
         im.draft("RGB", (w, h))  # DCT scaling: a large photo decodes 2-8x faster at no loss for the target size
     im.load()
-    try:
+    with contextlib.suppress(Exception):  # a damaged EXIF block is ignored, as browsers do
         im = ImageOps.exif_transpose(im)
-    except Exception:  # a damaged EXIF block is ignored, as browsers do
-        pass
     return _to_rgb(im)
 
 

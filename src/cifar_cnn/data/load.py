@@ -189,7 +189,9 @@ def _catalog(kind: str, path: Path, source: DataSource) -> tuple[str, Catalog]:
             else "image-archive"
         )
     if label_set != "fine" and not kind.startswith("cifar100"):
-        raise CifarCnnError(f"--label-set {label_set}: only CIFAR-100 has a coarse label set; --data {source} is not it")
+        raise CifarCnnError(
+            f"--label-set {label_set}: only CIFAR-100 has a coarse label set; --data {source} is not it"
+        )
     readers: dict[str, Callable[[], Catalog]] = {
         "official-dir": lambda: catalog.official(read_official_folder(path)),
         "official-archive": lambda: catalog.official(read_official_archive(path)),
@@ -241,12 +243,12 @@ def keep_in_memory(store_bytes: int, storage: str) -> bool:
 
 def _open_or_build(
     kind: str, path: Path, source: DataSource, size: int, home: Path, storage: str, threads: int, log: Callable
-) -> tuple[Store, list[str]]:
-    """The source's store (and the label rows skipped while reading it), decoding it first if the cache has none."""
+) -> Store:
+    """The source's store, decoding it first if the cache has none."""
     folder = store_folder(home, _store_key(kind, path, source, size))
     found = _read(folder, storage, log)
     if isinstance(found, Store):
-        return found, []
+        return found
     t0 = time.perf_counter()
     kind, cat = _catalog(kind, path, source)
     what = f"{path} ({kind}, {len(cat.entries)} images)"
@@ -254,20 +256,40 @@ def _open_or_build(
         with locked(folder.with_suffix(".lock"), what, log):
             found = _read(folder, storage, log)  # another process may have built it while this one waited
             if not isinstance(found, Store):
-                build_store(folder, cat.entries, cat.classes, size, threads=threads, what=what, log=log)
+                build_store(
+                    folder, cat.entries, cat.classes, size, threads=threads, what=what, log=log, skipped=cat.skipped
+                )
                 log(f"decoded {what} into {folder} in {time.perf_counter() - t0:.1f}s")
                 found = _read(folder, storage, log)
     except OSError as exc:
-        log(f"warning: cannot write the decode cache under {home} ({exc.strerror or exc}); decoding into memory")
-        found = build_in_memory(cat.entries, cat.classes, size, threads=threads, what=what, log=log)
-        if not keep_in_memory(found.nbytes, storage):
+        reason = exc.strerror or str(exc)
+        if storage == "disk":
             raise CifarCnnError(
-                f"data home {home} is not writable and the decoded images ({found.nbytes / 2**30:.1f} GiB) do not fit "
-                f"in memory; set ${HOME_ENV} to a writable folder with room for them"
+                f"data home {home}: cannot write the decode cache there ({reason}); --on-disk needs it: set "
+                f"${HOME_ENV} to a writable folder with room for the decoded images"
             ) from None
+        log(f"warning: cannot write the decode cache under {home} ({reason}); decoding into memory")
+
+        def check_fits(nbytes: int) -> None:
+            if not keep_in_memory(nbytes, storage):
+                raise CifarCnnError(
+                    f"data home {home}: cannot write the decode cache there ({reason}) and the decoded images "
+                    f"({nbytes / 2**30:.1f} GiB) do not fit in memory; set ${HOME_ENV} to a writable folder"
+                )
+
+        found = build_in_memory(
+            cat.entries,
+            cat.classes,
+            size,
+            threads=threads,
+            what=what,
+            log=log,
+            check_fits=check_fits,
+            skipped=cat.skipped,
+        )
     if not isinstance(found, Store):
         raise CifarCnnError(f"decode cache {folder}: {found}; delete the folder and run again")
-    return found, cat.skipped
+    return found
 
 
 def _read(folder: Path, storage: str, log: Callable[[str], None]) -> Store | str:
@@ -284,7 +306,7 @@ def _read(folder: Path, storage: str, log: Callable[[str], None]) -> Store | str
     return found
 
 
-def _dataset(store: Store, source: DataSource, size: int, skipped: list[str]) -> Dataset:
+def _dataset(store: Store, source: DataSource, size: int) -> Dataset:
     """The data set a store holds: in-memory arrays when every image is size x size, else ImageSets; a labels file
     without a test split gets one carved from its rows (stratified, the same for every run: seed 0)."""
     parts = {name: store.split(name, size) for name in SPLIT_CODES}
@@ -304,7 +326,7 @@ def _dataset(store: Store, source: DataSource, size: int, skipped: list[str]) ->
     (trx, try_), (vx, vy), (tex, tey) = parts["train"], parts["val"], parts["test"]
     has_val = bool(len(vy))
     ds = Dataset(trx, try_, tex, tey, list(store.classes), vx if has_val else None, vy if has_val else None)
-    ds.skipped = list(store.meta.get("skipped", [])) + [m for m in skipped if m not in store.meta.get("skipped", [])]
+    ds.skipped = list(store.meta.get("skipped", []))
     ds.notes = list(store.meta.get("notes", [])) + _size_notes(store, size)
     if not source.options.get("labels") or "test_split" not in source.options:
         ds.stored_fingerprint = store.meta.get("fingerprint")
@@ -336,8 +358,8 @@ def load_dataset(
     storage = storage or source.storage
     kind, path = _resolve(source, home, log)
     threads = threads or os.cpu_count() or 1
-    store, skipped = _open_or_build(kind, path, source, image_size, home, storage, threads, log)
-    ds = _dataset(store, source, image_size, skipped)
+    store = _open_or_build(kind, path, source, image_size, home, storage, threads, log)
+    ds = _dataset(store, source, image_size)
     for note in ds.notes:
         log(note)
     if ds.skipped:

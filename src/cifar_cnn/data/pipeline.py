@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..choices import SAMPLERS, check_choice
 from . import preprocess
 
 _MIX = 1_000_003  # a prime to mix (seed, epoch, step) into one generator seed
@@ -103,6 +104,35 @@ def augment_batch(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Te
     return x
 
 
+def epoch_order(
+    labels: torch.Tensor | np.ndarray, epoch: int, seed: int, *, shuffle: bool, sampler: str = "shuffle"
+) -> torch.Tensor:
+    """The sample order of one epoch: indices into `labels`, the same for every process and every resume.
+
+    "shuffle": a permutation (or 0..N-1 without `shuffle`). "balanced": N draws with replacement, each class equally
+    likely and images uniform within their class, so a minority class is seen as often as any other (its images
+    repeat, majority images are skipped; `shuffle` does not apply). Classes absent from `labels` are not drawn. The
+    draws come from a generator of (seed, epoch) alone, so a resumed or sharded run rebuilds exactly the same order.
+    """
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    if sampler == "shuffle":
+        if not shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=derived_generator(seed, epoch, -1))
+    check_choice(sampler, SAMPLERS, "sampler")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    present, counts = torch.unique(labels.to("cpu", torch.long), return_counts=True)
+    by_class = torch.argsort(labels.to("cpu", torch.long), stable=True)  # indices grouped by class, classes ascending
+    starts = torch.cumsum(counts, 0) - counts
+    g = derived_generator(seed, epoch, -3)
+    cls = torch.randint(0, len(present), (n,), generator=g)  # which class each draw comes from
+    within = (torch.rand(n, generator=g, dtype=torch.float64) * counts[cls]).long()  # uniform within that class
+    within = torch.minimum(within, counts[cls] - 1)  # guard against rounding up to the count
+    return by_class[starts[cls] + within]
+
+
 class TensorLoader:
     """Batches from a normalized in-memory split: shuffled per epoch and augmented per batch, reproducibly."""
 
@@ -116,8 +146,11 @@ class TensorLoader:
         drop_last: bool = False,
         augment: Augment | None = None,
         seed: int = 0,
+        sampler: str = "shuffle",
     ) -> None:
         self.images, self.labels = images, labels
+        # "balanced" draws classes equally often (with replacement); see epoch_order
+        self.sampler = check_choice(sampler, SAMPLERS, "sampler")
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment = augment or Augment()
         self.seed = seed
@@ -127,16 +160,13 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The sample order of one epoch (the same for every process and every resume)."""
-        n = len(self.labels)
-        if not self.shuffle:
-            return torch.arange(n)
-        return torch.randperm(n, generator=derived_generator(self.seed, epoch, -1))
+        """The sample order of one epoch (the same for every process and every resume); see `epoch_order`."""
+        return epoch_order(self.labels, epoch, self.seed, shuffle=self.shuffle, sampler=self.sampler)
 
     def _base_flip(self) -> torch.Tensor:
         if getattr(self, "_flip_mask", None) is None:
             g = derived_generator(self.seed, -2)
-            self._flip_mask = (torch.rand(len(self.labels), generator=g) < 0.5).to(self.images.device)
+            self._flip_mask = torch.rand(len(self.labels), generator=g) < 0.5
         return self._flip_mask
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -144,11 +174,14 @@ class TensorLoader:
         order = self.order(epoch).to(self.images.device)
         for step in range(start, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            x, y = self.images[idx], self.labels[idx]
-            if self.augment.alternate_flip:
-                # each image is seen flipped in exactly half of the epochs, unflipped in the other half
-                flip = self._base_flip()[idx] ^ bool(epoch % 2)
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            if self.augment.active:
-                x = augment_batch(x, self.augment, derived_generator(self.seed, epoch, step, device=x.device))
-            yield step, x, y
+            yield step, self.augmented(self.images[idx], idx, epoch, step), self.labels[idx]
+
+    def augmented(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The normalized batch of images `idx` (step `step` of `epoch`) with this loader's augmentation."""
+        if self.augment.alternate_flip:
+            # each image is seen flipped in exactly half of the epochs, unflipped in the other half
+            flip = self._base_flip().to(x.device)[idx] ^ bool(epoch % 2)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if self.augment.active:
+            x = augment_batch(x, self.augment, derived_generator(self.seed, epoch, step, device=x.device))
+        return x

@@ -15,8 +15,8 @@ format is rebuilt, with a message.
 from __future__ import annotations
 
 import errno
-import hashlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -269,21 +269,24 @@ def build_store(
     threads: int,
     what: str,
     log: Callable[[str], None],
+    skipped: list[str] | None = None,
 ) -> None:
-    """Decode `entries` into a store in `folder` (continuing an interrupted decode of the same plan)."""
+    """Decode `entries` into a store in `folder` (continuing an interrupted decode of the same plan); `skipped`:
+    what was left out before decoding (label rows naming missing files), kept with the store."""
     folder.mkdir(parents=True, exist_ok=True)
     status_file, pixels_file = folder / "status.u8", folder / "pixels.u8"
     plan = _load_plan(folder, entries)
     if plan is None:
-        shapes, skipped = plan_shapes(entries, size, threads)
+        shapes, unreadable = plan_shapes(entries, size, threads)
         sizes = 3 * shapes[:, 0] * shapes[:, 1]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
         meta = {"format": STORE_FORMAT, "complete": False, "count": len(entries), "names": _names_key(entries)}
-        meta |= {"pixel_bytes": int(sizes.sum()), "skipped": skipped}
+        meta |= {"pixel_bytes": int(sizes.sum()), "skipped": list(skipped or []) + unreadable}
         for f in (pixels_file, status_file):
             f.unlink(missing_ok=True)
         with open(pixels_file, "wb") as f:
-            f.truncate(int(sizes.sum()))
+            if int(sizes.sum()):  # reserve the blocks now: a full disk fails here, not as SIGBUS in a memory map
+                os.posix_fallocate(f.fileno(), 0, int(sizes.sum()))
         np.zeros(len(entries), dtype=np.uint8).tofile(status_file)
         arrays = {"starts": starts, "shapes": shapes}
         atomic_write_bytes(folder / "plan.npz", _index_bytes(arrays, classes, meta))
@@ -302,15 +305,25 @@ def build_store(
 
 
 def build_in_memory(
-    entries: list[Entry], classes: list[str], size: int, *, threads: int, what: str, log: Callable[[str], None]
+    entries: list[Entry],
+    classes: list[str],
+    size: int,
+    *,
+    threads: int,
+    what: str,
+    log: Callable[[str], None],
+    check_fits: Callable[[int], None] = lambda nbytes: None,
+    skipped: list[str] | None = None,
 ) -> Store:
-    """The same decode with the pixels in memory (no data home to write to)."""
-    shapes, skipped = plan_shapes(entries, size, threads)
+    """The same decode with the pixels in memory (no data home to write to); `check_fits(bytes)` may refuse it
+    after the headers are read, before anything is decoded."""
+    shapes, unreadable = plan_shapes(entries, size, threads)
     sizes = 3 * shapes[:, 0] * shapes[:, 1]
+    check_fits(int(sizes.sum()))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
     build = Build(entries, shapes, starts, np.empty(int(sizes.sum()), np.uint8), np.zeros(len(entries), np.uint8))
     build.run(threads, log, what)
-    arrays, meta = _finish(build, classes, size, {"format": STORE_FORMAT, "skipped": skipped})
+    arrays, meta = _finish(build, classes, size, {"format": STORE_FORMAT, "skipped": list(skipped or []) + unreadable})
     return Store(build.pixels, arrays["starts"], arrays["shapes"], arrays["labels"], arrays["splits"], classes, meta)
 
 

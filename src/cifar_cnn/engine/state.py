@@ -250,7 +250,9 @@ def build_run_state(
         scaler=make_scaler(device, precision),
         lr_fn=make_lr_fn(config, len(loader)),
         transferred=transferred,
-        class_weights=loss_weights(config.class_weights, run_data.splits.train_labels, len(run_data.splits.classes), device),
+        class_weights=loss_weights(
+            config.class_weights, run_data.splits.train_labels, len(run_data.splits.classes), device
+        ),
     )
     if ckpt is not None:
         restore_position(state, ckpt, resume)
