@@ -129,6 +129,22 @@ def same_classes_other_pixels(e: Env) -> Path:
 
 
 # (id, area, what, argv builder, fragment the message must contain)
+def labelled(e: Env, text: str, name: str = "labels.csv") -> list[str]:
+    """--data DIR --labels FILE for a folder of three good PNGs (a/0.png, a/1.png, a/2.png), a junk file a/junk.png
+    and a labels file holding `text`."""
+    root = e.tree({"a/0.png": png(), "a/1.png": png(), "a/2.png": png(), "a/junk.png": b"not an image"}, "labelled")
+    (root / name).write_text(text)
+    return ["--data", str(root), "--labels", str(root / name)]
+
+
+def cifar100_without_meta(e: Env) -> Path:
+    from tests.data_writers import write_cifar100
+
+    folder = write_cifar100(e.tmp / "c100" / "cifar-100-python", n_train_per_class=1, n_test_per_class=1).path
+    (folder / "meta").unlink()
+    return folder
+
+
 Case = tuple[str, str, str, Callable[[Env], list[str]], str]
 CASES: list[Case] = [
     (
@@ -579,6 +595,121 @@ CASES: list[Case] = [
     ),
     ("usage-bad-choice", "usage", "an unknown --model", lambda e: ["train", "--model", "nope"], "invalid choice"),
     ("usage-bad-number", "usage", "--epochs two", lambda e: ["train", "--epochs", "two"], "invalid int value"),
+    # labels files (--data DIR --labels FILE), CIFAR-100, random-resized crop
+    (
+        "labels-csv-short-row",
+        "labels",
+        "a CSV row with fewer fields than the header",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\na/1.png\n")],
+        "labels.csv:3: 1 fields, but the header has 2",
+    ),
+    (
+        "labels-csv-no-label-column",
+        "labels",
+        "a CSV file without a label column",
+        lambda e: ["data", *labelled(e, "path,class\na/0.png,cat\n")],
+        "labels.csv:1: no 'label' column",
+    ),
+    (
+        "labels-jsonl-bad-json",
+        "labels",
+        "a JSON-lines row that is not JSON",
+        lambda e: ["data", *labelled(e, '{"path": "a/0.png", "label": "cat"}\n{path: a/1.png}\n', "labels.jsonl")],
+        "labels.jsonl:2: invalid JSON",
+    ),
+    (
+        "labels-jsonl-missing-key",
+        "labels",
+        "a JSON-lines object without a label",
+        lambda e: ["data", *labelled(e, '{"path": "a/0.png"}\n', "labels.jsonl")],
+        'labels.jsonl:1: missing key "label"',
+    ),
+    (
+        "labels-unknown-split",
+        "labels",
+        "a split that is not train, val or test",
+        lambda e: ["data", *labelled(e, "path,label,split\na/0.png,cat,train\na/1.png,dog,testing\n")],
+        "labels.csv:3: unknown split 'testing'",
+    ),
+    (
+        "labels-class-without-training-images",
+        "labels",
+        "a class that appears only in the test split",
+        lambda e: e.train_into_run(
+            *labelled(e, "path,label,split\na/0.png,cat,train\na/1.png,cat,test\na/2.png,dog,test\n")
+        ),
+        "class 'dog' has no training images",
+    ),
+    (
+        "labels-duplicate-path",
+        "labels",
+        "the same image listed twice",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\na/1.png,dog\na/0.png,dog\n")],
+        "labels.csv:4: duplicate path a/0.png (also on line 2)",
+    ),
+    (
+        "labels-path-leaves-dir",
+        "labels",
+        "a path that climbs out of --data with ..",
+        lambda e: e.train_into_run(*labelled(e, "path,label\na/0.png,cat\n../outside.png,dog\n")),
+        "labels.csv:3: the path ../outside.png leaves the image folder",
+    ),
+    (
+        "labels-absolute-path",
+        "labels",
+        "an absolute path",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\n/etc/passwd,dog\n")],
+        "labels.csv:3: the path /etc/passwd leaves the image folder",
+    ),
+    (
+        "labels-missing-image",
+        "labels",
+        "a row naming a file that is not there",
+        lambda e: e.train_into_run(*labelled(e, "path,label\na/0.png,cat\na/9.png,dog\n")),
+        "labels.csv:3: a/9.png: no such file",
+    ),
+    (
+        "labels-unreadable-image",
+        "labels",
+        "a row naming a file that is not an image",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\na/junk.png,dog\n")],
+        "labels.csv:3: a/junk.png: not a readable image",
+    ),
+    (
+        "labels-unknown-suffix",
+        "labels",
+        "a labels file that is neither .csv nor .jsonl",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\n", "labels.txt")],
+        "unknown labels file type '.txt'",
+    ),
+    (
+        "labels-without-data",
+        "labels",
+        "--labels with no --data",
+        lambda e: ["data", "--labels", str(e.tmp / "labels.csv")],
+        "--labels FILE goes with --data DIR",
+    ),
+    (
+        "coarse-labels-of-cifar10",
+        "data",
+        "--label-set coarse on CIFAR-10",
+        lambda e: ["data", "--data", str(e.official), "--label-set", "coarse"],
+        "only CIFAR-100 has a coarse label set",
+    ),
+    (
+        "cifar100-without-meta",
+        "data",
+        "a cifar-100-python folder whose meta file is missing",
+        lambda e: ["data", "--data", str(cifar100_without_meta(e))],
+        "meta",
+    ),
+    (
+        "crop-scale-out-of-range",
+        "config",
+        "--crop-scale 0 1.5",
+        lambda e: e.train_into_run("--data", str(e.official), "--crop-scale", "0", "1.5"),
+        "crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1",
+    ),
 ]
 
 

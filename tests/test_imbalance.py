@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cifar_cnn import train
+from cifar_cnn import load_checkpoint, train
 from cifar_cnn.data.pipeline import TensorLoader, derived_generator, epoch_order
 from cifar_cnn.distributed import ShardedLoader
 from cifar_cnn.engine.loop import batch_loss, loss_weights
@@ -178,6 +178,31 @@ def imbalanced_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_overlapping_classes(tmp_path_factory.mktemp("imbalanced") / "data")
 
 
+def test_weighted_balanced_run_resumes_inside_an_epoch_bit_identically(tmp_path: Path, imbalanced_folder: Path) -> None:
+    """Both options together through `train`: interrupted inside epoch 2 and resumed, the run ends with the straight
+    run's weights (the balanced order and the weights are rebuilt, not stored)."""
+    data = str(imbalanced_folder)
+    config = small_config(epochs=2, val_split=0.1, class_weights="auto", sampler="balanced")
+    straight = train(config, data, tmp_path / "straight", log=quiet, threads=1)
+    calls = {"n": 0}
+
+    def stop_inside_epoch_2() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 16  # polled after every step (11 per epoch) and after each epoch
+
+    part = tmp_path / "part"
+    assert train(config, data, part, log=quiet, threads=1, should_stop=stop_inside_epoch_2).interrupted
+    stopped = load_checkpoint(part / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 4)
+    train(config, data, part, resume=part / "last.pt", log=quiet, threads=1)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(part / "last.pt")
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+    assert straight.history[1]["train_loss"] == pytest.approx(b["history"][1]["train_loss"], rel=1e-12)
+    plain = train(small_config(epochs=2, val_split=0.1), data, tmp_path / "plain", log=quiet, threads=1)
+    assert plain.history[1]["train_loss"] != pytest.approx(straight.history[1]["train_loss"])  # the options acted
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_weights_and_balanced_sampling_raise_macro_f1_and_minority_recall(
     seed: int, imbalanced_folder: Path, tmp_path: Path
@@ -191,7 +216,7 @@ def test_weights_and_balanced_sampling_raise_macro_f1_and_minority_recall(
     scores = {}
     for name, extra in (("plain", {}), ("auto", {"class_weights": "auto"}), ("balanced", {"sampler": "balanced"})):
         config = small_config(seed=seed, epochs=3, val_split=0.0, flip=False, translate=0, cutout=0, **extra)
-        result = train(config, data=str(imbalanced_folder), out=tmp_path / name, log=quiet)
+        result = train(config, data=str(imbalanced_folder), out=tmp_path / name, log=quiet, threads=1)
         m = result.test_metrics
         scores[name] = (m["macro_f1"], m["per_class_accuracy"][MINORITY])  # per-class accuracy is the recall
     print(f"seed {seed}: (macro-F1, minority recall)", {k: tuple(round(v, 3) for v in s) for k, s in scores.items()})

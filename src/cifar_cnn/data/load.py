@@ -169,6 +169,8 @@ def _resolve(source: DataSource, home: Path, log: Callable[[str], None]) -> tupl
     ):
         if (path / marker).exists():
             return kind, (path / target if target != "." else path)
+    if (path / "train").is_file():  # a cifar-100-python folder missing its meta: the reader says so
+        return "cifar100-dir", path
     if (path / "train").is_dir():
         return "image-dir", path
     raise CifarCnnError(

@@ -85,23 +85,28 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path | None = Non
     return {"png": _save(fig, path), "data": _lines(fig)}
 
 
+ANNOTATE_MAX = 30  # classes up to which the confusion matrix shows the counts
+
+
 def confusion_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
-    """The confusion matrix as a heat map (rows: true class, columns: predicted), each cell annotated with its count."""
+    """The confusion matrix as a heat map (rows: true class, columns: predicted), each cell annotated with its count
+    up to ANNOTATE_MAX classes (beyond, the cells would be too small to read: the colours tell)."""
     cm = np.asarray(matrix, dtype=np.int64)
     n = len(classes)
-    side = max(4.0, 0.45 * n + 2.2)
+    side = max(4.0, 0.45 * n + 2.2) if n <= ANNOTATE_MAX else min(24.0, 0.16 * n + 4.0)
     fig = Figure(figsize=(side + 1.0, side), layout="constrained")
     ax = fig.subplots()
     ax.set_label("confusion matrix")
     im = ax.imshow(cm, cmap="Blues", vmin=0)
     fig.colorbar(im, ax=ax, shrink=0.8, label="images")
-    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=list(classes))
+    small = {} if n <= ANNOTATE_MAX else {"fontsize": 5}
+    ax.set_xticks(range(n), labels=list(classes), rotation=45 if n <= ANNOTATE_MAX else 90, ha="right", **small)
+    ax.set_yticks(range(n), labels=list(classes), **small)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("confusion matrix (test split)")
     threshold = cm.max() / 2 if cm.size else 0
-    for i in range(n):
+    for i in range(n if n <= ANNOTATE_MAX else 0):
         for j in range(n):
             ax.text(
                 j,
@@ -119,13 +124,14 @@ def confusion_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) ->
 def plot_confusion(
     matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path | None = None
 ) -> dict[str, Any]:
-    """Write the heat map; returns {"png", "data": the matrix as drawn (colours), "annotations": the cell texts}."""
+    """Write the heat map; returns {"png", "data": the matrix as drawn (colours), "annotations": the cell texts
+    (none beyond ANNOTATE_MAX classes)}."""
     fig = confusion_figure(matrix, classes)
     ax = fig.axes[0]
     n = len(classes)
     drawn = np.asarray(ax.get_images()[0].get_array()).astype(np.int64).tolist()
     texts = {t.get_gid(): t.get_text() for t in ax.texts}
-    annotations = [[int(texts[f"cell-{i}-{j}"]) for j in range(n)] for i in range(n)]
+    annotations = [[int(texts[f"cell-{i}-{j}"]) for j in range(n)] for i in range(n)] if texts else []
     return {"png": _save(fig, path), "data": drawn, "annotations": annotations}
 
 
@@ -231,19 +237,21 @@ def plot_class_samples(
         idx = np.flatnonzero(labels == c)
         picks.append(np.sort(rng.choice(idx, size=min(per_class, len(idx)), replace=False)) if len(idx) else idx)
     rows, cols = len(classes), max(1, per_class)
-    fig = Figure(figsize=(1.1 * cols + 1.2, 1.1 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r, name in enumerate(classes):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c < len(picks[r]):
-                ax.imshow(_hwc(images[picks[r][c]]), interpolation="nearest")
-            if c == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    side = int(np.asarray(images[0]).shape[-1]) if len(labels) else 32
+    cell = side + 2  # a 2-pixel white gap between images
+    # one mosaic drawn once: a figure of rows x cols axes takes minutes for CIFAR-100's 100 classes
+    mosaic = np.full((rows * cell, cols * cell, 3), 255, dtype=np.uint8)
+    for r in range(rows):
+        for c, i in enumerate(picks[r][:cols]):
+            mosaic[r * cell : r * cell + side, c * cell : c * cell + side] = _hwc(images[int(i)])
+    fig = Figure(figsize=(1.1 * cols + 1.6, 1.1 * rows), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * cell + side / 2 for r in range(rows)], labels=list(classes), fontsize=9)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     return {
         "png": _save(fig, path),
         "classes": list(classes),
