@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     from cifar_cnn.data import load_dataset
 
     t1 = time.perf_counter()
-    ds = load_dataset(str(data_dir), args.image_size, storage="disk", home=home, log=log)
+    ds = load_dataset(str(data_dir), args.image_size, storage="disk", home=home, log=lambda m: m.startswith("decoding:") or log(m))
     pixels_file = ds.train_images.pixels.filename
     decode_s = time.perf_counter() - t1
     store_bytes = os.path.getsize(pixels_file)

@@ -168,3 +168,17 @@ def test_data_cifar100_downloads_from_the_mirror(tmp_path: Path, capsys: pytest.
     monkeypatch.setenv("CIFAR_CNN_CIFAR100_MD5", "0" * 32)  # already downloaded and extracted: no second fetch
     code, out, err = cli(capsys, "data", "--data", "cifar100", "--json")
     assert code == 0 and json.loads(out)["classes"] == written.fine_names, err
+
+
+def test_tune_takes_the_labels_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("optuna")
+    data_args, _ = csv_source(tmp_path)
+    out = tmp_path / "study"
+    code, stdout, err = cli(
+        capsys, "tune", *data_args, "--trials", "1", "--out", str(out), "--epochs", "1", "--batch-size", "32", "--json"
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["trials"] and (out / "best.yaml").is_file()
+    trial_run = json.loads(next((out / "trials").glob("*/run.json")).read_text())
+    assert trial_run["data_source"]["options"]["labels"] == data_args[3]  # the trials trained on the labelled data

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cifar_cnn.data.images import decode_image
+from cifar_cnn.data.images import decode_image, decode_stored, probe_size, stored_shape
 from cifar_cnn.data.pipeline import derived_generator, random_cutout, random_flip, random_translate
 from cifar_cnn.data.sources import read_official_batch
 from cifar_cnn.data.split import stratified_split
@@ -235,4 +235,11 @@ def test_decode_mutated_files_of_every_format() -> None:
             pass
         except Exception as exc:
             failures.setdefault(f"{fmt} {type(exc).__name__}", f"{exc} (input {i})")
+        try:  # what a data set's decode does: the header first, then the image at its stored shape
+            h, w = probe_size(bytes(data), "img")
+            decode_stored(bytes(data), stored_shape(h, w, 32), "img")
+        except CifarCnnError:
+            pass
+        except Exception as exc:
+            failures.setdefault(f"{fmt} stored {type(exc).__name__}", f"{exc} (input {i})")
     assert not failures, failures

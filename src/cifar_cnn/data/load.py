@@ -216,15 +216,34 @@ def _store_key(kind: str, path: Path, source: DataSource, size: int) -> list:
     return [str(path.resolve()), stamps, size, sorted(shaping.items())]
 
 
-def memory_budget() -> int:
-    """Bytes this process may use: the cgroup's memory.max if one is set, else the memory available now."""
-    limits = []
+def _cgroup_limits() -> list[int]:
+    """The memory limits of this process's cgroups: v2 memory.max, v1 memory.limit_in_bytes (where they are set)."""
+    found = []
     try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit():
-            limits.append(int(text))
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        pass
+        return found
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"]
+        elif "memory" in controllers.split(","):
+            files = [Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"]
+        else:
+            continue
+        for f in files:
+            try:
+                text = f.read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 60:  # v1 says "no limit" with a huge number
+                found.append(int(text))
+    return found
+
+
+def memory_budget() -> int:
+    """Bytes this process may use: its cgroup's memory limit if one is set, and at most the memory available now."""
+    limits = _cgroup_limits()
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
