@@ -113,7 +113,9 @@ def test_every_command_on_the_source(kind: str, tmp_path: Path, capsys: pytest.C
     assert code == 0 and "epoch 2/2" in out, err
     code, out, err = cli(capsys, "report", str(run), "--json")
     assert code == 0 and (run / "report" / "index.html").is_file(), err
-    code, out, err = cli(capsys, "export", str(run / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
+    code, out, err = cli(
+        capsys, "export", str(run / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.pt")
+    )
     assert code == 0, err
     assert torch.jit.load(str(tmp_path / "m.pt"))(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
     # the commands that take --data

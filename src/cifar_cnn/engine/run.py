@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ from ..config import TrainConfig, to_yaml
 from ..data import DataSource
 from ..device import resolve_device, set_threads, tune_allocator
 from ..errors import CifarCnnError
-from ..evaluate import EvalResult, evaluate, evaluate_checkpoint
+from ..evaluate import EvalResult, evaluate_checkpoint, predict_logits
 from ..hooks import EpochTotals, TrainProgress
 from ..rundir import (
     METRICS_HEADER,
@@ -36,7 +37,7 @@ from ..rundir import (
     write_run_json,
 )
 from .checkpointer import Checkpointer
-from .loop import DivergenceError, train_one_epoch
+from .loop import DivergenceError, batch_loss, train_one_epoch
 from .state import RunState, build_run_state
 
 Probe = Callable[[nn.Module, int, int], None]
@@ -110,22 +111,28 @@ class StepHooks:
 
 
 def validate_epoch(state: RunState, epoch: int, paths: RunPaths) -> tuple[float | None, float | None]:
-    """(val_loss, val_acc) of the weights validation uses, or (None, None) without a validation split."""
+    """(val_loss, val_acc) of the weights validation uses, or (None, None) without a validation split. With class
+    weights the validation loss is weighted as the training loss is, so best.pt is chosen on the objective trained
+    (an unweighted loss on imbalanced data would keep an epoch that ignores the rare classes)."""
     splits = state.data.splits
     if not len(splits.val_labels):
         return None, None
-    val = evaluate(
+    logits = predict_logits(
         state.eval_model,
         splits.val_images,
-        splits.val_labels,
-        splits.classes,
-        mean=state.data.mean,
-        std=state.data.std,
+        state.data.mean,
+        state.data.std,
         batch_size=state.config.eval_batch_size,
         device=state.device,
         precision=state.precision,
         channels_last=state.channels_last,
     )
+    labels = torch.from_numpy(np.asarray(splits.val_labels))
+    weights = state.class_weights.cpu() if state.class_weights is not None else None
+    val = {
+        "loss": float(batch_loss(logits, labels, class_weights=weights)),
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+    }
     if not math.isfinite(val["loss"]):
         raise DivergenceError(
             f"the validation loss became {val['loss']} after epoch {epoch + 1}; training diverged: lower the "
