@@ -101,3 +101,19 @@ def test_unreadable_bytes_name_the_file() -> None:
         probe_size(b"not an image", "photos/x.jpg")
     with pytest.raises(CifarCnnError, match="no such file"):
         decode_image(__import__("pathlib").Path("/nonexistent/x.png"), 32, "/nonexistent/x.png")
+
+
+@pytest.mark.parametrize("size_wh", [(640, 480), (20, 30), (32, 32)])
+def test_predict_sees_what_evaluation_sees(size_wh: tuple[int, int], tmp_path) -> None:
+    """decode_image (predict, serve) gives the very pixels the evaluation view of the same file in a data set has."""
+    from cifar_cnn.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    w, h = size_wh
+    blob = encoded(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), "JPEG", quality=90)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            (tmp_path / split / cls / "x.jpg").write_bytes(blob)
+    ds = load_dataset(str(tmp_path), 32, log=lambda m: None)
+    assert np.array_equal(decode_image(blob, 32), ds.test_images[0])

@@ -40,18 +40,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bilinear, antialiased) and cut the centre square; no-op at size x size."""
-    w, h = im.size
-    if (w, h) == (size, size):
-        return im
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
-
-
 EXIF_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -107,18 +95,38 @@ def _loaded_rgb(im: Image.Image, draft_to: tuple[int, int] | None = None) -> Ima
 
 
 def decode_image(data: bytes | Path, size: int, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes (or a file) into a (3, size, size) uint8 array: shorter side resized, centre
-    crop; CifarCnnError naming `name` if unreadable."""
+    """Decode encoded image bytes (or a file) into a (3, size, size) uint8 array: exactly what evaluation sees of the
+    same file in a data set (stored at `stored_shape`, then the centred square resized to size); CifarCnnError
+    naming `name` if unreadable."""
     with opened(data, name) as im:
-        rgb = resize_center_crop(_loaded_rgb(im, (size, size)), size)
-        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+        h, w = _oriented_size(im)
+        stored = _decoded(im, stored_shape(h, w, size))
+    side = min(stored.shape[1:])
+    top, left = (stored.shape[1] - side) // 2, (stored.shape[2] - side) // 2
+    square = stored[:, top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    im = Image.fromarray(np.ascontiguousarray(square.transpose(1, 2, 0)))
+    return np.ascontiguousarray(np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    return (w, h) if _orientation(im) in EXIF_TRANSPOSED else (h, w)
+
+
+def _decoded(im: Image.Image, shape: tuple[int, int]) -> np.ndarray:
+    h, w = shape
+    rgb = _loaded_rgb(im, (w, h))
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def probe_size(data: bytes | Path, name: str) -> tuple[int, int]:
     """(height, width) of an image as it will be decoded (EXIF orientation applied), reading only its header."""
     with opened(data, name) as im:
-        w, h = im.size
-        return (w, h) if _orientation(im) in EXIF_TRANSPOSED else (h, w)
+        return _oriented_size(im)
 
 
 def stored_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -131,12 +139,8 @@ def stored_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 def decode_stored(data: bytes | Path, shape: tuple[int, int], name: str) -> np.ndarray:
     """An image decoded to exactly (3, h, w) = `shape` (see `stored_shape`), uint8."""
-    h, w = shape
     with opened(data, name) as im:
-        rgb = _loaded_rgb(im, (w, h))
-        if rgb.size != (w, h):
-            rgb = rgb.resize((w, h), Image.BILINEAR)
-        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+        return _decoded(im, shape)
 
 
 def image_extensions() -> set[str]:
