@@ -202,3 +202,20 @@ def test_read_only_data_home(tmp_path: Path, small_disk) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)
     proc = run_cli("data", "--data", str(tree), "--on-disk", "--json", env=env)
     assert proc.returncode == 0 and f"decoded {tree}" not in proc.stderr and "warning" not in proc.stderr, proc.stderr
+
+
+def test_where_the_pixels_are_held_does_not_change_the_fingerprint(tmp_path: Path) -> None:
+    from cifar_cnn.data import DataSource
+
+    root = tmp_path / "photos"
+    (root / "p").mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((32, 32, 3), 20 * i, np.uint8)).save(root / "p" / f"{i}.png")
+        rows.append(f"p/{i}.png,{'ab'[i % 2]}\n")
+    (root / "labels.csv").write_text("path,label\n" + "".join(rows))
+    source = DataSource.of(str(root), labels=str(root / "labels.csv"))
+    in_memory = load_dataset(source, 32, storage="memory", log=quiet)
+    on_disk = load_dataset(source, 32, storage="disk", log=quiet)
+    assert isinstance(in_memory.train_images, np.ndarray) and isinstance(on_disk.train_images, ImageSet)
+    assert in_memory.fingerprint() == on_disk.fingerprint()

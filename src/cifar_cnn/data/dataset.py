@@ -173,9 +173,16 @@ class Dataset:
 
 
 def fingerprint_of(arrays: dict[str, Any], classes: list[str], counts: dict[str, int]) -> dict[str, Any]:
-    """{classes, counts, sha256} over the named arrays; an ImageSet is hashed over its stored pixels and shapes."""
+    """{classes, counts, sha256} over the named arrays. An ImageSet whose images are all at its size is hashed as the
+    array it equals (so where the pixels are held does not change the fingerprint); one of other sizes over its stored
+    shapes and pixels."""
     digest = hashlib.sha256()
     for name, array in sorted(arrays.items()):
+        if isinstance(array, ImageSet) and array.uniform:
+            digest.update(f"{name}:|u1:{array.shape}".encode())
+            for i in range(len(array)):
+                digest.update(memoryview(np.ascontiguousarray(array.image(i))).cast("B"))
+            continue
         if isinstance(array, ImageSet):
             digest.update(f"{name}:ragged:{len(array)}".encode())
             digest.update(np.ascontiguousarray(array.stored_shapes(), dtype=np.int64).tobytes())

@@ -243,19 +243,14 @@ def _finish(build: Build, classes: list[str], size: int, meta: dict[str, Any]) -
 
 
 def store_fingerprint(store: Store, size: int) -> dict[str, Any]:
-    """`Dataset.fingerprint` of the data in a store: the arrays' digest when every image is size x size (as an
-    in-memory data set computes it), else over the stored shapes and pixels."""
+    """`Dataset.fingerprint` of the data in a store (see `fingerprint_of`)."""
     arrays: dict[str, Any] = {}
     counts: dict[str, int] = {}
     for name, code in SPLIT_CODES.items():
         idx = np.flatnonzero(store.splits == code)
         if name == "val" and not len(idx):
             continue
-        images, labels = store.split(name, size)
-        if images.uniform:
-            lo = int(store.starts[idx[0]]) if len(idx) else 0
-            images = store.pixels[lo : lo + len(idx) * 3 * size * size].reshape(-1, 3, size, size)
-        arrays[f"{name}_images"], arrays[f"{name}_labels"] = images, labels
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = store.split(name, size)
         counts[name] = len(idx)
     return fingerprint_of(arrays, store.classes, counts)
 
