@@ -676,6 +676,13 @@ CASES: list[Case] = [
         "labels.csv:3: a/junk.png: not a readable image",
     ),
     (
+        "labels-nothing-readable-with-skip-bad",
+        "labels",
+        "--skip-bad when no training image of a class is readable",
+        lambda e: ["data", *labelled(e, "path,label\na/0.png,cat\na/1.png,cat\na/junk.png,dog\n"), "--skip-bad"],
+        "no readable training image of 'dog' is left after skipping unreadable files",
+    ),
+    (
         "labels-unknown-suffix",
         "labels",
         "a labels file that is neither .csv nor .jsonl",

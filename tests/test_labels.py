@@ -327,35 +327,46 @@ def test_check_training_classes_after_a_carve() -> None:
         check_training_classes(rows, [True, True, False], held_out="the test split")
 
 
-def test_carve_is_stratified_disjoint_and_complete() -> None:
-    labels = np.repeat(np.arange(4), [100, 50, 10, 3])
-    train, test = carve_test_split(labels, 0.2, seed=0)
-    assert np.bincount(labels[test], minlength=4).tolist() == [20, 10, 2, 1]
-    assert np.bincount(labels[train], minlength=4).tolist() == [80, 40, 8, 2]
+def keys(n: int) -> list[str]:
+    return [f"photos/{i}.jpg" for i in range(n)]
+
+
+def test_carve_holds_out_about_the_fraction_of_each_class() -> None:
+    labels = np.repeat(np.arange(4), [1000, 500, 10, 3])
+    train, test = carve_test_split(labels, keys(len(labels)), 0.2)
+    held = np.bincount(labels[test], minlength=4)
+    assert 170 <= held[0] <= 230 and 80 <= held[1] <= 120  # binomial: within 3 standard deviations of 20%
+    assert 1 <= held[2] <= 9 and 1 <= held[3] <= 2
     assert set(train).isdisjoint(test) and len(set(train) | set(test)) == len(labels)
     assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
 
 
 def test_carve_small_classes() -> None:
     labels = np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
-    train, test = carve_test_split(labels, 0.01, seed=1)
+    train, test = carve_test_split(labels, keys(len(labels)), 0.01)
     assert np.bincount(labels[test], minlength=3).tolist() == [0, 1, 1]  # at least one when a class has >= 2 rows
-    train, test = carve_test_split(labels, 0.9, seed=1)
+    train, test = carve_test_split(labels, keys(len(labels)), 0.99)
     assert np.bincount(labels[train], minlength=3).tolist() == [1, 1, 1]  # never the whole class
-    train, test = carve_test_split(labels, 0.0, seed=1)
+    train, test = carve_test_split(labels, keys(len(labels)), 0.0)
     assert len(test) == 0 and train.tolist() == list(range(len(labels)))
 
 
-def test_carve_fixed_by_seed_and_independent_of_the_validation_split() -> None:
-    labels = np.repeat(np.arange(5), 40)
-    a = carve_test_split(labels, 0.25, seed=3)[1]
-    b = carve_test_split(labels, 0.25, seed=3)[1]
-    c = carve_test_split(labels, 0.25, seed=4)[1]
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert not np.array_equal(a, stratified_split(labels, 0.25, seed=3)[1])
+def test_carve_depends_on_each_rows_path_only() -> None:
+    """Adding, removing or reordering rows never moves a row between training and test."""
+    names = keys(200)
+    test = {names[i] for i in carve_test_split(np.zeros(200, dtype=int), names, 0.25)[1]}
+    assert 30 <= len(test) <= 70
+    more = names + [f"photos/new{i}.jpg" for i in range(50)]
+    test_more = {more[i] for i in carve_test_split(np.zeros(250, dtype=int), more, 0.25)[1]}
+    assert test_more & set(names) == test  # the old rows kept their splits
+    fewer = names[::2]
+    assert {fewer[i] for i in carve_test_split(np.zeros(100, dtype=int), fewer, 0.25)[1]} == test & set(fewer)
+    shuffled = list(reversed(names))
+    assert {shuffled[i] for i in carve_test_split(np.zeros(200, dtype=int), shuffled, 0.25)[1]} == test
+    assert test != {names[i] for i in stratified_split(np.zeros(200, dtype=int), 0.25, seed=0)[1]}
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
 def test_carve_refuses_a_bad_fraction(fraction: float) -> None:
     with pytest.raises(CifarCnnError, match="test fraction must be in"):
-        carve_test_split(np.zeros(4, dtype=int), fraction, seed=0)
+        carve_test_split(np.zeros(4, dtype=int), keys(4), fraction)

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from cifar_cnn.data import load_dataset
 from cifar_cnn.data.dataset import ImageSet, center_box
-from cifar_cnn.data.store import STORE_FORMAT, read_store
+from cifar_cnn.data.store import STORE_FORMAT
 from cifar_cnn.data.stream import random_resized_boxes
 from tests.conftest import ROOT, run_cli
 from tests.helpers import quiet, small_config
@@ -96,7 +97,8 @@ def test_store_written_by_another_format_is_rebuilt_with_a_message(tmp_path: Pat
     log: list[str] = []
     assert load_dataset(str(tree), 32, log=log.append).fingerprint() == good
     assert lines(log, f"written by another version of cifar-cnn (cache format {STORE_FORMAT - 1}")
-    assert isinstance(read_store(store_dirs(data_home)[0], in_memory=False), object)
+    with np.load(store_dirs(data_home)[0] / "index.npz") as z:
+        assert json.loads(str(z["meta"]))["format"] == STORE_FORMAT  # rewritten in this version's format
 
 
 def test_on_disk_and_in_memory_training_are_identical(tmp_path: Path) -> None:
@@ -219,3 +221,42 @@ def test_where_the_pixels_are_held_does_not_change_the_fingerprint(tmp_path: Pat
     on_disk = load_dataset(source, 32, storage="disk", log=quiet)
     assert isinstance(in_memory.train_images, np.ndarray) and isinstance(on_disk.train_images, ImageSet)
     assert in_memory.fingerprint() == on_disk.fingerprint()
+
+
+def test_skip_reasons_survive_an_interrupted_decode(tmp_path: Path) -> None:
+    """With --skip-bad, an image found unreadable before an interruption is still reported after the resume."""
+    import io
+
+    from cifar_cnn.data.store import CHUNK, Entry, build_store, read_store
+
+    def good() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    blob = good()
+    broken = blob[:40]  # a PNG header with its data cut off: readable header, unreadable image
+    stop = {"now": True, "calls": 0}
+
+    def interrupting() -> bytes:
+        stop["calls"] += 1
+        if stop["now"] and stop["calls"] > 1:  # the header scan reads it once; then Ctrl-C in the second chunk
+            raise KeyboardInterrupt
+        return blob
+
+    entries = [Entry(f"img{i}", (lambda: blob), i % 2, 0, True) for i in range(CHUNK + 20)]
+    entries[3] = Entry("img3", (lambda: broken), 1, 0, True)
+    entries[CHUNK + 5] = Entry("img-late", interrupting, 1, 0, True)
+    folder = tmp_path / "store"
+    kw = dict(stamp="s1", threads=1, what="test", log=quiet, skipped=["labels.csv:9: gone.png: no such file"])
+    with pytest.raises(KeyboardInterrupt):
+        build_store(folder, entries, ["a", "b"], 8, **kw)
+    assert not (folder / "index.npz").exists() and (folder / "status.u8").exists()
+    stop["now"] = False
+    log: list[str] = []
+    build_store(folder, entries, ["a", "b"], 8, **{**kw, "log": log.append})
+    assert lines(log, f"{CHUNK} of {CHUNK + 20} images done")
+    store = read_store(folder, "s1")
+    skipped = store.meta["skipped"]
+    assert len(skipped) == 2 and any(m.startswith("img3: ") for m in skipped), skipped
+    assert len(store.labels) == CHUNK + 19  # img3 left out

@@ -113,8 +113,13 @@ def _data_source(args: argparse.Namespace, config: Any = None) -> Any:
     from .data import DataSource
 
     storage = _storage(args, config)
-    if not args.data and not args.labels and storage == "auto":
-        return None
+    if not args.data:
+        if getattr(args, "label_set", None):
+            raise CifarCnnError("--label-set goes with --data; without --data the run's own label set is used")
+        if not args.labels and storage == "auto" and not args.skip_bad:
+            return None
+        if args.skip_bad and not args.labels:  # the run's own source, skipping what is unreadable now
+            return DataSource("", {"skip_bad": True}, storage)
     return DataSource.of(
         args.data or "",
         labels=args.labels,
@@ -340,7 +345,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     if args.json:
         _emit_json(summary)
-    return 0
+    return 1 if summary.get("skipped_images") else 0
 
 
 def _build_tune(sub: argparse._SubParsersAction) -> None:

@@ -36,7 +36,7 @@ def _spread(n: int) -> np.ndarray:
     return np.arange(n) if n <= STATS_SAMPLE else np.linspace(0, n - 1, STATS_SAMPLE).round().astype(np.int64)
 
 
-def channel_stats(images: Any, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: Any, chunk_bytes: int = 64 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 images (N, C, H, W), as fractions of 255 (float64 sums).
     An array or tensor is read whole; a larger set read from disk (an ImageSet) by `STATS_SAMPLE` evenly spaced
     images, as the model sees them."""
@@ -44,6 +44,7 @@ def channel_stats(images: Any, chunk: int = 4096) -> tuple[tuple[float, ...], tu
     channels = 3
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
+    chunk = max(1, chunk_bytes // (8 * 3 * int(x.shape[-1]) * int(x.shape[-2])))  # float64 copies stay ~64 MB
     for i in range(0, len(x), chunk):
         part = torch.as_tensor(x[i : i + chunk]).to(torch.float64) / 255.0
         total += part.sum(dim=(0, 2, 3))

@@ -231,11 +231,17 @@ def resolve_source(
 ) -> DataSource | None:
     """The data a command works on: `data` when given, else what the run recorded (checkpoint, then run.json), else
     `default` ('cifar10' for train and evaluate; None where the caller asks the user for --data instead)."""
+    recorded = recorded_source(ckpt, run_dir)
     if data and (not isinstance(data, DataSource) or data.path):
-        return DataSource.of(data)
-    found = recorded_source(ckpt, run_dir) or (DataSource.of(default) if default else None)
-    if found is not None and isinstance(data, DataSource):  # no path: the recorded source, held as `data` says
-        found = dataclasses.replace(found, storage=data.storage)
+        given = DataSource.of(data)
+        same_labels = recorded is not None and given.options.get("labels") == recorded.options.get("labels")
+        if same_labels and "test_split" in recorded.options and "test_split" not in given.options:
+            given = dataclasses.replace(given, options={**given.options, "test_split": recorded.options["test_split"]})
+        return given  # the run's labels file again: with the run's test split, not the default one
+    found = recorded or (DataSource.of(default) if default else None)
+    if found is not None and isinstance(data, DataSource):  # no path: the recorded source, as `data` holds it
+        options = {**found.options, **({"skip_bad": True} if data.options.get("skip_bad") else {})}
+        found = dataclasses.replace(found, options=options, storage=data.storage)
     return found
 
 

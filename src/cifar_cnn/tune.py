@@ -375,7 +375,8 @@ def run_study(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")  # an enqueued value, on purpose
         study.optimize(objective, n_trials=trials, catch=(CifarCnnError,), callbacks=[report])
-    return write_results(study, base, out, optuna, storage=storage, seconds=time.perf_counter() - t0, log=log)
+    summary = write_results(study, base, out, optuna, storage=storage, seconds=time.perf_counter() - t0, log=log)
+    return summary | ({"skipped_images": len(ds.skipped)} if ds.skipped else {})  # --skip-bad: the command exits 1
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

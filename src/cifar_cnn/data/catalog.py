@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CifarCnnError
 from .dataset import Dataset
 from .images import image_extensions
-from .labels import read_labels
+from .labels import carve_test_split, read_labels
 from .sources import (
     SPLITS,
     _checked_members,
@@ -37,13 +37,18 @@ class Catalog:
     entries: list[Entry]
     skipped: list[str] = field(default_factory=list)
     has_val: bool = False
+    notes: list[str] = field(default_factory=list)  # lines worth telling the user, kept with the store
 
 
-def _ordered(items: list[tuple[str, str, str, Path | Callable[[], bytes], bool]], classes: list[str]) -> list[Entry]:
-    """Entries from (split, class, name, load, skippable) sorted by split, class and natural name order."""
+Item = tuple[str, str, str, "Path | Callable[[], bytes]", bool, str]  # split, class, name, load, skippable, sort key
+
+
+def _ordered(items: list[Item], classes: list[str]) -> list[Entry]:
+    """Entries sorted by split, class and the natural order of their sort keys (paths), whatever order they were
+    listed in."""
     label = {c: i for i, c in enumerate(classes)}
-    items.sort(key=lambda it: (SPLIT_CODES[it[0]], label[it[1]], natural_key(it[2])))
-    return [Entry(name, load, label[cls], SPLIT_CODES[split], skip) for split, cls, name, load, skip in items]
+    items.sort(key=lambda it: (SPLIT_CODES[it[0]], label[it[1]], natural_key(it[5])))
+    return [Entry(name, load, label[cls], SPLIT_CODES[split], skip) for split, cls, name, load, skip, _ in items]
 
 
 def _check_tree(by_split: dict[str, dict[str, int]], where: str) -> list[str]:
@@ -65,7 +70,7 @@ def _check_tree(by_split: dict[str, dict[str, int]], where: str) -> list[str]:
 
 
 def _tree_catalog(found: Iterable[tuple[str, str, str, Path | Callable[[], bytes]]], where: str) -> Catalog:
-    items = [(split, cls, name, load, False) for split, cls, name, load in found]
+    items = [(split, cls, name, load, False, name) for split, cls, name, load in found]
     by_split: dict[str, dict[str, int]] = {}
     for split, cls, *_ in items:
         by_split.setdefault(split, {}).setdefault(cls, 0)
@@ -121,13 +126,28 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Calla
     return read
 
 
-def labelled_folder(root: Path, labels_file: Path, *, skip_bad: bool) -> Catalog:
-    """A folder of images named by a labels file (CSV or JSON lines, see cifar_cnn.data.labels). Without a split
-    column every row is a training row (the caller carves the test split)."""
+def labelled_folder(root: Path, labels_file: Path, *, skip_bad: bool, test_split: float) -> Catalog:
+    """A folder of images named by a labels file (CSV or JSON lines, see cifar_cnn.data.labels). Rows without a
+    split are training rows; when no row is a test row, `test_split` of each class's training rows is held out as
+    the test split (chosen by the hash of each row's path: the same rows whatever else the file lists)."""
     table = read_labels(root, labels_file, skip_bad=skip_bad)
-    items = [(r.split or "train", r.label, f"{r.where}: {r.rel}", r.path, skip_bad) for r in table.rows]
-    catalog = Catalog(list(table.classes), _ordered(items, list(table.classes)), list(table.skipped))
-    catalog.has_val = any(r.split == "val" for r in table.rows)
+    splits = [r.split or "train" for r in table.rows]
+    notes = []
+    if "test" not in splits:
+        train = [i for i, sp in enumerate(splits) if sp == "train"]
+        label = {c: i for i, c in enumerate(table.classes)}
+        labels = np.array([label[table.rows[i].label] for i in train], dtype=np.int64)
+        _, test = carve_test_split(labels, [table.rows[i].rel for i in train], test_split)
+        for k in test:
+            splits[train[k]] = "test"
+        which = "has no test rows" if table.has_splits else "have no split column"
+        notes.append(
+            f"the labels {which}: {len(test)} of {len(train)} training rows ({test_split:.0%} of each class, chosen "
+            "by path) are the test split"
+        )
+    items = [(sp, r.label, f"{r.where}: {r.rel}", r.path, skip_bad, r.rel) for sp, r in zip(splits, table.rows)]
+    catalog = Catalog(list(table.classes), _ordered(items, list(table.classes)), list(table.skipped), notes=notes)
+    catalog.has_val = "val" in splits
     return catalog
 
 

@@ -10,13 +10,14 @@ line is the physical line (1-based) on which the row starts.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ class LabelTable:
     classes: list[str]  # the sorted set of labels of the kept rows
     skipped: list[str]  # one message per row skipped with skip_bad ("labels.csv:7: photos/x.jpg: no such file")
     has_splits: bool  # every row names its split; False: every row is a training row
+    listed: list[Path] = field(default_factory=list)  # every path the file names, skipped rows' too
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def read_labels(root: Path, labels_file: Path, *, skip_bad: bool = False) -> Lab
         )
     if has_splits:
         check_training_classes(rows, [row.split == "train" for row in rows])
-    return LabelTable(rows, sorted({row.label for row in rows}), skipped, has_splits)
+    listed = [Path(root) / rec.path for rec in records]
+    return LabelTable(rows, sorted({row.label for row in rows}), skipped, has_splits, listed)
 
 
 def check_training_classes(rows: Sequence[LabelRow], is_train: Sequence[bool], held_out: str = "val/test") -> None:
@@ -115,32 +118,23 @@ def check_training_classes(rows: Sequence[LabelRow], is_train: Sequence[bool], h
         )
 
 
-def carve_test_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): stratified, per class round(fraction*n_c) rows (at least 1 when the class has >= 2
-    rows and fraction > 0, and never all of them), fixed by seed; a class with a single row stays in train.
-
-    `labels` are integer class indices. Each class draws from its own stream, independent of the validation split's.
-    """
+def carve_test_split(labels: np.ndarray, keys: Sequence[str], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): a row is a test row when the hash of its key (its path), read as a number in [0, 1), is
+    below `fraction`, so about that fraction of each class is held out and a row's split depends on its own path only:
+    adding, removing or fixing other rows never moves a row between training and test. A class with 2 or more rows
+    keeps at least one of each (its lowest or highest hash moves); a class with a single row stays in train."""
     if not 0.0 <= fraction < 1.0:
         raise CifarCnnError(f"the test fraction must be in [0, 1), got {fraction}; pick a fraction such as 0.2")
     labels = np.asarray(labels)
-    train, test = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.intp)]
-    for cls in np.unique(labels):
+    u = np.array([int(hashlib.sha256(k.encode()).hexdigest()[:15], 16) / 16**15 for k in keys])
+    chosen = u < fraction
+    for cls in np.unique(labels) if fraction > 0 else ():
         idx = np.flatnonzero(labels == cls)
-        n_test = min(int(round(fraction * len(idx))), len(idx) - 1)  # a class always keeps a training row
-        if fraction > 0 and len(idx) >= 2:
-            n_test = max(n_test, 1)
-        chosen = np.zeros(len(idx), dtype=bool)
-        chosen[_carve_rng(seed, int(cls)).permutation(len(idx))[:n_test]] = True
-        test.append(idx[chosen])
-        train.append(idx[~chosen])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def _carve_rng(seed: int, cls: int) -> np.random.Generator:
-    # One stream per (seed, class), as in split.py; purpose 3 (split.py uses 1 for validation and 2 for subsets), so
-    # the carved test rows do not coincide with the rows the validation split would pick at the same fraction.
-    return np.random.default_rng([seed, cls, 3])
+        if len(idx) >= 2 and not chosen[idx].any():
+            chosen[idx[np.argmin(u[idx])]] = True
+        if chosen[idx].all():
+            chosen[idx[np.argmax(u[idx])]] = False
+    return np.flatnonzero(~chosen), np.flatnonzero(chosen)
 
 
 def _read_text(labels_file: Path, name: str) -> str:

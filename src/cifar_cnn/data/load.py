@@ -17,7 +17,7 @@ from . import catalog
 from .catalog import Catalog
 from .dataset import Dataset, Images, take
 from .download import ARCHIVE_NAME, ensure_cifar10, ensure_cifar100
-from .labels import carve_test_split
+from .labels import read_labels
 from .sources import (
     CIFAR100_ARCHIVE,
     CIFAR100_DIRNAME,
@@ -36,11 +36,12 @@ from .store import (
     Store,
     build_in_memory,
     build_store,
+    files_stamp,
     locked,
     read_store,
     remove_store,
-    source_stamp,
     store_folder,
+    tree_files,
 )
 
 DEFAULT_SOURCE = "cifar10"
@@ -94,7 +95,8 @@ class DataSource:
         options: dict[str, Any] = {}
         if labels:
             options["labels"] = str(Path(labels).expanduser().absolute())
-            options["test_split"] = float(DEFAULT_TEST_SPLIT if test_split is None else test_split)
+            if test_split is not None:
+                options["test_split"] = float(test_split)
         if label_set and check_choice(label_set, LABEL_SETS, "--label-set") != "fine":
             options["label_set"] = label_set
         if skip_bad:
@@ -202,18 +204,35 @@ def _catalog(kind: str, path: Path, source: DataSource) -> tuple[str, Catalog]:
         "image-dir": lambda: catalog.tree_folder(path),
         "image-archive": lambda: catalog.tree_archive(path),
         "labelled-dir": lambda: catalog.labelled_folder(
-            path, Path(source.options["labels"]), skip_bad=bool(source.options.get("skip_bad"))
+            path,
+            Path(source.options["labels"]),
+            skip_bad=bool(source.options.get("skip_bad")),
+            test_split=float(source.options.get("test_split", DEFAULT_TEST_SPLIT)),
         ),
     }
     return kind, readers[kind]()
 
 
-def _store_key(kind: str, path: Path, source: DataSource, size: int) -> list:
-    stamps = [source_stamp(path)]
-    if source.options.get("labels"):
-        stamps.append(source_stamp(Path(source.options["labels"])))
-    shaping = {k: v for k, v in source.options.items() if k != "test_split"}
-    return [str(path.resolve()), stamps, size, sorted(shaping.items())]
+def _store_key(path: Path, source: DataSource, size: int) -> list:
+    """What names a source's store: its path, the image size and the options that shape the data."""
+    shaping = {k: v for k, v in source.options.items()}
+    if "labels" in shaping:
+        shaping.setdefault("test_split", DEFAULT_TEST_SPLIT)
+    return [str(path.resolve()), size, sorted(shaping.items())]
+
+
+def _stamp(kind: str, path: Path, source: DataSource) -> str:
+    """A digest of the source's files as they are now (names, sizes, modification times): only the files that make
+    the data, so a run directory written inside the data folder does not make it stale."""
+    if path.is_file():
+        return files_stamp([path])
+    if kind == "image-dir":
+        return files_stamp((f for split in ("train", "val", "test") for f in tree_files(path / split)), path)
+    if kind == "labelled-dir":
+        labels = Path(source.options["labels"])
+        table = read_labels(path, labels, skip_bad=True)
+        return files_stamp([labels]) + files_stamp(table.listed, path)
+    return files_stamp(tree_files(path), path)
 
 
 def _cgroup_limits() -> list[int]:
@@ -255,91 +274,113 @@ def memory_budget() -> int:
 
 def keep_in_memory(store_bytes: int, storage: str) -> bool:
     """Whether decoded images stay in memory: forced by `storage`, else when 5x their size (the training split is
-    normalized to floats) is under half of what the process may use."""
-    check_choice(storage, STORAGE_MODES, "--storage")
+    normalized to floats) is under half of what the process may use, shared with the other processes of this
+    machine that torchrun started ($LOCAL_WORLD_SIZE)."""
+    check_choice(storage, STORAGE_MODES, "--image-storage")
     if storage != "auto":
         return storage == "memory"
-    return 5 * store_bytes < memory_budget() // 2
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return 5 * store_bytes < memory_budget() // (2 * processes)
 
 
 def _open_or_build(
     kind: str, path: Path, source: DataSource, size: int, home: Path, storage: str, threads: int, log: Callable
 ) -> Store:
-    """The source's store, decoding it first if the cache has none."""
-    folder = store_folder(home, _store_key(kind, path, source, size))
-    found = _read(folder, storage, log)
+    """The source's store, decoding it first if the cache has none for the source as it is now. The store is read
+    and, if need be, rebuilt under the lock, so processes starting together decode once."""
+    folder = store_folder(home, _store_key(path, source, size))
+    stamp = _stamp(kind, path, source)
+    found = read_store(folder, stamp)
     if isinstance(found, Store):
-        return found
+        return _held(found, storage)
     t0 = time.perf_counter()
-    kind, cat = _catalog(kind, path, source)
-    what = f"{path} ({kind}, {len(cat.entries)} images)"
     try:
-        with locked(folder.with_suffix(".lock"), what, log):
-            found = _read(folder, storage, log)  # another process may have built it while this one waited
+        with locked(folder.with_suffix(".lock"), str(path), log):
+            found = read_store(folder, stamp)  # another process may have built it while this one waited
             if not isinstance(found, Store):
+                if found:
+                    log(f"decode cache {folder}: {found}; decoding the source again")
+                kind, cat = _catalog(kind, path, source)
+                what = f"{path} ({kind}, {len(cat.entries)} images)"
                 build_store(
-                    folder, cat.entries, cat.classes, size, threads=threads, what=what, log=log, skipped=cat.skipped
+                    folder,
+                    cat.entries,
+                    cat.classes,
+                    size,
+                    stamp=stamp,
+                    threads=threads,
+                    what=what,
+                    log=log,
+                    skipped=cat.skipped,
+                    notes=cat.notes,
                 )
                 log(f"decoded {what} into {folder} in {time.perf_counter() - t0:.1f}s")
-                found = _read(folder, storage, log)
+                found = read_store(folder, stamp)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if storage == "disk":
-            raise CifarCnnError(
-                f"data home {home}: cannot write the decode cache there ({reason}); --on-disk needs it: set "
-                f"${HOME_ENV} to a writable folder with room for the decoded images"
-            ) from None
-        log(f"warning: cannot write the decode cache under {home} ({reason}); decoding into memory")
-
-        def check_fits(nbytes: int) -> None:
-            if not keep_in_memory(nbytes, storage):
-                raise CifarCnnError(
-                    f"data home {home}: cannot write the decode cache there ({reason}) and the decoded images "
-                    f"({nbytes / 2**30:.1f} GiB) do not fit in memory; set ${HOME_ENV} to a writable folder"
-                )
-
-        found = build_in_memory(
-            cat.entries,
-            cat.classes,
-            size,
-            threads=threads,
-            what=what,
-            log=log,
-            check_fits=check_fits,
-            skipped=cat.skipped,
-        )
+        return _without_cache(kind, path, source, size, home, storage, threads, log, folder, exc)
     if not isinstance(found, Store):
         raise CifarCnnError(f"decode cache {folder}: {found}; delete the folder and run again")
-    return found
+    return _held(found, storage)
 
 
-def _read(folder: Path, storage: str, log: Callable[[str], None]) -> Store | str:
-    """The complete store in `folder` (in memory or memory-mapped, per `storage`), else why not ('' or a reason)."""
-    found = read_store(folder, in_memory=False)
-    if isinstance(found, Store):
-        if keep_in_memory(found.nbytes, storage):
-            found.pixels = np.array(found.pixels)
-        return found
-    if found and found != "incomplete":
-        log(f"decode cache {folder}: {found}; decoding the source again")
-        remove_store(folder)
-        return ""
-    return found
+def _without_cache(
+    kind: str,
+    path: Path,
+    source: DataSource,
+    size: int,
+    home: Path,
+    storage: str,
+    threads: int,
+    log: Callable,
+    folder: Path,
+    exc: OSError,
+) -> Store:
+    """The data home cannot take the store (read-only, full): decode into memory, with a warning, where it fits."""
+    reason = exc.strerror or str(exc)
+    remove_store(folder)  # a half-reserved pixel file would keep a full disk full
+    if storage == "disk":
+        raise CifarCnnError(
+            f"data home {home}: cannot write the decode cache there ({reason}); --on-disk needs it: set "
+            f"${HOME_ENV} to a writable folder with room for the decoded images"
+        ) from None
+    log(f"warning: cannot write the decode cache under {home} ({reason}); decoding into memory")
+
+    def check_fits(nbytes: int) -> None:
+        if not keep_in_memory(nbytes, storage):
+            raise CifarCnnError(
+                f"data home {home}: cannot write the decode cache there ({reason}) and the decoded images "
+                f"({nbytes / 2**30:.1f} GiB) do not fit in memory; set ${HOME_ENV} to a writable folder"
+            )
+
+    kind, cat = _catalog(kind, path, source)
+    what = f"{path} ({kind}, {len(cat.entries)} images)"
+    return build_in_memory(
+        cat.entries,
+        cat.classes,
+        size,
+        threads=threads,
+        what=what,
+        log=log,
+        check_fits=check_fits,
+        skipped=cat.skipped,
+        notes=cat.notes,
+    )
 
 
-def _dataset(store: Store, source: DataSource, size: int) -> Dataset:
-    """The data set a store holds: in-memory arrays when every image is size x size, else ImageSets; a labels file
-    without a test split gets one carved from its rows (stratified, the same for every run: seed 0)."""
+def _held(store: Store, storage: str) -> Store:
+    """The store with its pixels read into memory when they are to stay there, else memory-mapped as opened."""
+    if isinstance(store.pixels, np.memmap) and keep_in_memory(store.nbytes, storage):
+        store.pixels = np.array(store.pixels)
+    return store
+
+
+def _dataset(store: Store, size: int) -> Dataset:
+    """The data set a store holds: in-memory arrays when every image is size x size, else ImageSets."""
     parts = {name: store.split(name, size) for name in SPLIT_CODES}
-    if not len(parts["test"][1]) and source.options.get("labels"):
-        fraction = float(source.options.get("test_split", DEFAULT_TEST_SPLIT))
-        images, labels = parts["train"]
-        train_idx, test_idx = carve_test_split(labels, fraction, 0)
-        parts["train"] = (images.take(train_idx), labels[train_idx])
-        parts["test"] = (images.take(test_idx), labels[test_idx])
-        store.meta.setdefault("notes", []).append(
-            f"the labels have no split column: {len(test_idx)} of {len(labels)} rows ({fraction:.0%} of each class, "
-            "seed 0) are the test split"
+    if not len(parts["test"][1]):
+        raise CifarCnnError(
+            "the data has no test images: give the labels a split column with test rows, or more rows per class "
+            "(a class needs 2 rows for one to be held out)"
         )
     for name, (images, labels) in list(parts.items()):
         if not isinstance(store.pixels, np.memmap) and images.uniform:
@@ -349,8 +390,7 @@ def _dataset(store: Store, source: DataSource, size: int) -> Dataset:
     ds = Dataset(trx, try_, tex, tey, list(store.classes), vx if has_val else None, vy if has_val else None)
     ds.skipped = list(store.meta.get("skipped", []))
     ds.notes = list(store.meta.get("notes", [])) + _size_notes(store, size)
-    if not source.options.get("labels") or "test_split" not in source.options:
-        ds.stored_fingerprint = store.meta.get("fingerprint")
+    ds.stored_fingerprint = store.meta.get("fingerprint")
     return ds
 
 
@@ -380,7 +420,7 @@ def load_dataset(
     kind, path = _resolve(source, home, log)
     threads = threads or os.cpu_count() or 1
     store = _open_or_build(kind, path, source, image_size, home, storage, threads, log)
-    ds = _dataset(store, source, image_size)
+    ds = _dataset(store, image_size)
     for note in ds.notes:
         log(note)
     if ds.skipped:

@@ -20,8 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,8 +99,9 @@ def _decode(entry: Entry, shape: tuple[int, int]) -> np.ndarray:
     return decode_stored(_source_bytes(entry), shape, entry.name)
 
 
-def read_store(folder: Path, in_memory: bool) -> Store | str:
-    """The complete store in `folder`, or why it cannot be used ('' when there is none)."""
+def read_store(folder: Path, stamp: str) -> Store | str:
+    """The complete store in `folder` decoded from the source as it is now (`stamp`), or why it cannot be used (''
+    when there is none). Its pixels are memory-mapped."""
     index, pixels = folder / "index.npz", folder / "pixels.u8"
     if not index.is_file():
         return ""
@@ -111,13 +113,13 @@ def read_store(folder: Path, in_memory: bool) -> Store | str:
         return f"its index is unreadable ({type(exc).__name__})"
     if meta.get("format") != STORE_FORMAT:
         return f"it was written by another version of cifar-cnn (cache format {meta.get('format')}, not {STORE_FORMAT})"
-    if not meta.get("complete"):
-        return "incomplete"
+    if meta.get("stamp") != stamp:
+        return "the source changed since it was decoded"
     want = int(meta["pixel_bytes"])
     have = pixels.stat().st_size if pixels.is_file() else -1
     if have != want:
         return f"its pixel file is truncated ({have} of {want} bytes)"
-    data = np.fromfile(pixels, dtype=np.uint8) if in_memory else np.memmap(pixels, dtype=np.uint8, mode="r")
+    data = np.memmap(pixels, dtype=np.uint8, mode="r") if want else np.zeros(0, np.uint8)
     classes = [str(c) for c in arrays.pop("classes")]
     return Store(data, arrays["starts"], arrays["shapes"], arrays["labels"], arrays["splits"], classes, meta)
 
@@ -129,20 +131,26 @@ def read_store(folder: Path, in_memory: bool) -> Store | str:
 def plan_shapes(entries: list[Entry], size: int, threads: int) -> tuple[np.ndarray, list[str]]:
     """Stored (h, w) of every entry from its header; (0, 0) and a message for a skippable entry that fails."""
     shapes = np.zeros((len(entries), 2), dtype=np.int64)
-    skipped: list[str] = []
 
-    def probe(i: int) -> str | None:
-        try:
-            shapes[i] = stored_shape(*_probe(entries[i]), size)
-        except CifarCnnError as exc:
-            if not entries[i].skippable:
-                raise
-            return str(exc)
-        return None
+    def probe(lo: int) -> list[str]:
+        skipped = []
+        for i in range(lo, min(lo + CHUNK, len(entries))):
+            try:
+                shapes[i] = stored_shape(*_probe(entries[i]), size)
+            except CifarCnnError as exc:
+                if not entries[i].skippable:
+                    raise
+                skipped.append(str(exc))
+        return skipped
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        skipped = [m for m in pool.map(probe, range(len(entries)), chunksize=512) if m]
-    return shapes, skipped
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # one task per chunk: memory stays flat
+        return shapes, [m for part in pool.map(probe, range(0, len(entries), CHUNK)) for m in part]
+
+
+def starts_of(shapes: np.ndarray) -> np.ndarray:
+    """Where each image of stored `shapes` (n, 2) starts in the flat pixel buffer."""
+    sizes = 3 * shapes[:, 0].astype(np.int64) * shapes[:, 1]
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
 
 
 def _index_bytes(arrays: dict[str, np.ndarray], classes: list[str], meta: dict[str, Any]) -> Callable:
@@ -162,9 +170,12 @@ class Build:
     pixels: np.ndarray
     status: np.ndarray
     status_file: Path | None = None
+    skipped_file: Path | None = None  # why images were skipped while decoding, one line each (kept across resumes)
     messages: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def decode_chunk(self, lo: int, hi: int) -> None:
+        messages = []
         for i in range(lo, hi):
             if self.status[i] != PENDING:
                 continue
@@ -177,14 +188,19 @@ class Build:
             except CifarCnnError as exc:
                 if not self.entries[i].skippable:
                     raise
-                self.messages.append(str(exc))
+                messages.append(str(exc))
                 self.status[i] = SKIPPED
                 continue
             self.pixels[self.starts[i] : self.starts[i] + 3 * h * w] = image.reshape(-1)
             self.status[i] = DONE
-        if self.status_file is not None:  # after the pixels: a chunk marked done is in the page cache
-            with open(self.status_file, "r+b") as f:
-                os.pwrite(f.fileno(), self.status[lo:hi].tobytes(), lo)
+        with self._lock:
+            self.messages += messages
+            if self.skipped_file is not None and messages:  # before the status: no skip without its reason
+                with open(self.skipped_file, "a", encoding="utf-8") as f:
+                    f.write("".join(m.replace("\n", " ") + "\n" for m in messages))
+            if self.status_file is not None:  # after the pixels: a chunk marked done is in the page cache
+                with open(self.status_file, "r+b") as f:
+                    os.pwrite(f.fileno(), self.status[lo:hi].tobytes(), lo)
 
     def run(self, threads: int, log: Callable[[str], None], what: str) -> None:
         todo = [lo for lo in range(0, len(self.entries), CHUNK) if (self.status[lo : lo + CHUNK] == PENDING).any()]
@@ -228,7 +244,8 @@ def locked(lock_file: Path, what: str, log: Callable[[str], None]) -> Iterator[N
 
 
 def _finish(build: Build, classes: list[str], size: int, meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
-    """The final index arrays (unreadable images dropped) and meta (fingerprint, skipped rows)."""
+    """The final index arrays (unreadable images dropped) and meta (fingerprint, skipped rows). A store left with no
+    image, or with a class that lost all its training images to skipping, is refused."""
     keep = np.flatnonzero(build.status == DONE)
     arrays = {
         "starts": build.starts[keep],
@@ -236,6 +253,13 @@ def _finish(build: Build, classes: list[str], size: int, meta: dict[str, Any]) -
         "labels": np.array([build.entries[i].label for i in keep], dtype=np.int64),
         "splits": np.array([build.entries[i].split for i in keep], dtype=np.int8),
     }
+    trained = np.bincount(arrays["labels"][arrays["splits"] == SPLIT_CODES["train"]], minlength=len(classes))
+    if not len(keep) or not trained.all():
+        empty = classes[int(np.argmin(trained))] if len(keep) else "any class"
+        raise CifarCnnError(
+            f"no readable training image of {empty!r} is left after skipping unreadable files; "
+            "fix or replace those images, or remove their rows"
+        )
     store = Store(build.pixels, arrays["starts"], arrays["shapes"], arrays["labels"], arrays["splits"], classes)
     meta = {**meta, "complete": True, "skipped": sorted(meta.get("skipped", []) + build.messages)}
     meta["fingerprint"] = store_fingerprint(store, size)
@@ -261,42 +285,57 @@ def build_store(
     classes: list[str],
     size: int,
     *,
+    stamp: str,
     threads: int,
     what: str,
     log: Callable[[str], None],
     skipped: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> None:
-    """Decode `entries` into a store in `folder` (continuing an interrupted decode of the same plan); `skipped`:
-    what was left out before decoding (label rows naming missing files), kept with the store."""
+    """Decode `entries` into a store in `folder` (continuing an interrupted decode of the same plan of the same
+    source, `stamp`); `skipped`: what was left out before decoding (label rows naming missing files); `notes`:
+    lines to tell whoever loads it."""
     folder.mkdir(parents=True, exist_ok=True)
-    status_file, pixels_file = folder / "status.u8", folder / "pixels.u8"
-    plan = _load_plan(folder, entries)
+    status_file, pixels_file, skipped_file = folder / "status.u8", folder / "pixels.u8", folder / "skipped.txt"
+    plan = _load_plan(folder, entries, stamp)
     if plan is None:
-        shapes, unreadable = plan_shapes(entries, size, threads)
-        sizes = 3 * shapes[:, 0] * shapes[:, 1]
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
-        meta = {"format": STORE_FORMAT, "complete": False, "count": len(entries), "names": _names_key(entries)}
-        meta |= {"pixel_bytes": int(sizes.sum()), "skipped": list(skipped or []) + unreadable}
-        for f in (pixels_file, status_file):
+        for f in (folder / "index.npz", pixels_file, status_file, skipped_file):
             f.unlink(missing_ok=True)
+        shapes, unreadable = plan_shapes(entries, size, threads)
+        starts = starts_of(shapes)
+        total = int(3 * (shapes[:, 0] * shapes[:, 1]).sum())
+        meta = {"format": STORE_FORMAT, "count": len(entries), "names": _names_key(entries), "stamp": stamp}
+        meta |= {"pixel_bytes": total, "skipped": list(skipped or []) + unreadable, "notes": list(notes or [])}
         with open(pixels_file, "wb") as f:
-            if int(sizes.sum()):  # reserve the blocks now: a full disk fails here, not as SIGBUS in a memory map
-                os.posix_fallocate(f.fileno(), 0, int(sizes.sum()))
+            _reserve(f.fileno(), total)
         np.zeros(len(entries), dtype=np.uint8).tofile(status_file)
-        arrays = {"starts": starts, "shapes": shapes}
-        atomic_write_bytes(folder / "plan.npz", _index_bytes(arrays, classes, meta))
+        atomic_write_bytes(folder / "plan.npz", _index_bytes({"starts": starts, "shapes": shapes}, classes, meta))
     else:
         starts, shapes, meta = plan
     status = np.fromfile(status_file, dtype=np.uint8)
     pixels = np.memmap(pixels_file, dtype=np.uint8, mode="r+") if meta["pixel_bytes"] else np.zeros(0, np.uint8)
-    build = Build(entries, shapes, starts, pixels, status, status_file)
+    build = Build(entries, shapes, starts, pixels, status, status_file, skipped_file)
     build.run(threads, log, what)
     if isinstance(pixels, np.memmap):
         pixels.flush()
+    earlier = skipped_file.read_text(encoding="utf-8").splitlines() if skipped_file.is_file() else []
+    build.messages = sorted(set(earlier) | set(build.messages))  # reasons from an interrupted run's chunks too
     arrays, meta = _finish(build, classes, size, meta)
     atomic_write_bytes(folder / "index.npz", _index_bytes(arrays, classes, meta))
-    for f in (status_file, folder / "plan.npz"):
+    for f in (status_file, folder / "plan.npz", skipped_file):
         f.unlink(missing_ok=True)
+
+
+def _reserve(fd: int, total: int) -> None:
+    """Reserve the pixel file's blocks now, so a full disk fails here and not as SIGBUS in a memory map later (where
+    the platform or file system cannot, the file is only extended)."""
+    try:
+        if total:
+            os.posix_fallocate(fd, 0, total)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        os.ftruncate(fd, total)
 
 
 def build_in_memory(
@@ -309,16 +348,17 @@ def build_in_memory(
     log: Callable[[str], None],
     check_fits: Callable[[int], None] = lambda nbytes: None,
     skipped: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> Store:
     """The same decode with the pixels in memory (no data home to write to); `check_fits(bytes)` may refuse it
     after the headers are read, before anything is decoded."""
     shapes, unreadable = plan_shapes(entries, size, threads)
-    sizes = 3 * shapes[:, 0] * shapes[:, 1]
-    check_fits(int(sizes.sum()))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
-    build = Build(entries, shapes, starts, np.empty(int(sizes.sum()), np.uint8), np.zeros(len(entries), np.uint8))
+    total = int(3 * (shapes[:, 0] * shapes[:, 1]).sum())
+    check_fits(total)
+    build = Build(entries, shapes, starts_of(shapes), np.empty(total, np.uint8), np.zeros(len(entries), np.uint8))
     build.run(threads, log, what)
-    arrays, meta = _finish(build, classes, size, {"format": STORE_FORMAT, "skipped": list(skipped or []) + unreadable})
+    meta = {"format": STORE_FORMAT, "skipped": list(skipped or []) + unreadable, "notes": list(notes or [])}
+    arrays, meta = _finish(build, classes, size, meta)
     return Store(build.pixels, arrays["starts"], arrays["shapes"], arrays["labels"], arrays["splits"], classes, meta)
 
 
@@ -329,8 +369,8 @@ def _names_key(entries: list[Entry]) -> str:
     return digest.hexdigest()
 
 
-def _load_plan(folder: Path, entries: list[Entry]) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """The plan of an interrupted decode of these same entries, if there is one to continue."""
+def _load_plan(folder: Path, entries: list[Entry], stamp: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """The plan of an interrupted decode of these same entries of the same source, if there is one to continue."""
     plan, status = folder / "plan.npz", folder / "status.u8"
     if not (plan.is_file() and status.is_file() and (folder / "pixels.u8").is_file()):
         return None
@@ -340,28 +380,35 @@ def _load_plan(folder: Path, entries: list[Entry]) -> tuple[np.ndarray, np.ndarr
             starts, shapes = z["starts"], z["shapes"]
     except Exception:
         return None
-    ok = meta.get("format") == STORE_FORMAT and meta.get("names") == _names_key(entries)
+    ok = meta.get("format") == STORE_FORMAT and meta.get("names") == _names_key(entries) and meta.get("stamp") == stamp
     ok = ok and status.stat().st_size == len(entries) and (folder / "pixels.u8").stat().st_size == meta["pixel_bytes"]
     return (starts, shapes, meta) if ok else None
 
 
-def source_stamp(path: Path) -> list:
-    """What changes whenever a source's content is likely to have changed: size and modification time of the file,
-    or of every file in the folder."""
-    if path.is_file():
-        st = path.stat()
-        return [st.st_size, st.st_mtime_ns]
-    rows = []
-    for dirpath, dirs, files in os.walk(path):
+def files_stamp(paths: Iterable[Path], root: Path | None = None) -> str:
+    """A digest of the (name, size, modification time) of files: it changes whenever their content likely has."""
+    digest = hashlib.sha256()
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            digest.update(f"{p}\0missing\n".encode())
+            continue
+        name = os.path.relpath(p, root) if root is not None else str(p)
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def tree_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, in a fixed order."""
+    for dirpath, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
-            st = os.stat(os.path.join(dirpath, name))
-            rows.append((os.path.relpath(os.path.join(dirpath, name), path), st.st_size, st.st_mtime_ns))
-    return [hashlib.sha256(json.dumps(rows).encode()).hexdigest()]
+            yield Path(dirpath) / name
 
 
 def store_folder(home: Path, key: list) -> Path:
-    """The store's folder for a key (the source, its stamp, the image size and the options that shape the data)."""
+    """The store's folder for a key (the source, the image size and the options that shape the data)."""
     return home / "cache" / f"store-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}"
 
 

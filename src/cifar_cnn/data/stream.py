@@ -97,7 +97,8 @@ class StreamLoader(TensorLoader):
 
     def sample(self, n: int) -> torch.Tensor:
         """The first n training images as the model sees them in evaluation (centre crop), normalized."""
-        return normalize(torch.from_numpy(self.images[: min(n, len(self.images))]), self.mean, self.std)
+        x = normalize(torch.from_numpy(self.images[: min(n, len(self.images))]), self.mean, self.std)
+        return x.to(self.dtype)  # as the in-memory loader holds them
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         order = self.order(epoch).cpu().numpy()

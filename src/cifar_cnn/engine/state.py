@@ -88,6 +88,9 @@ class RunState:
         return len(self.loader)
 
 
+DATA_KEYS = ("label_set", "test_split")  # config keys that shape the data: fixed for a run's life
+
+
 def load_run_data(
     config: TrainConfig,
     data: str | DataSource | None,
@@ -101,6 +104,12 @@ def load_run_data(
     """The run's data: `data`, else (resuming) the source the checkpoint recorded, else 'cifar10'. Resuming on data
     that differs from what the run trained on (classes, counts, content) is refused."""
     run_dir = Path(resume).parent if ckpt is not None and resume else None
+    for key in DATA_KEYS if ckpt is not None else ():
+        if key in ckpt.get("config", {}) and getattr(config, key) != ckpt["config"][key]:
+            raise CifarCnnError(
+                f"{resume}: --{key.replace('_', '-')} {getattr(config, key)} would change the data the run trains on "
+                f"(it has {ckpt['config'][key]}); start a new run for other data"
+            )
     if data is not None and not isinstance(data, DataSource):  # a path: with the config's data options
         data = DataSource.of(data, label_set=config.label_set, test_split=config.test_split)
     source = resolve_source(data, ckpt, run_dir)

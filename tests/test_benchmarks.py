@@ -1,0 +1,84 @@
+"""benchmarks/memory_bench.py and benchmarks/before_after.py end to end, each on tiny data for a few steps: the JSON
+they write has its fields, and the figures are sane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_memory_bench_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    run_script(
+        str(BENCHMARKS / "memory_bench.py"),
+        *("--limit-mib", "1024", "--data-factor", "0.001", "--image-size", "32", "--test-images", "50"),
+        *("--batch-size", "16", "--steps", "4", "--warmup", "1", "--rounds", "1", "--loader-steps", "3"),
+        *("--model", "resnet18", "--model-args", '{"width": 2}', "--threads", "1"),
+        *("--work", str(tmp_path / "work"), "--out", str(out)),
+    )
+    r = json.loads(out.read_text())
+    assert r["method"] in ("cgroup2", "cgroup1", "fadvise") and r["method_note"]
+    n = r["data"]["train_images"]
+    assert n == 350 and r["data"]["decoded_train_bytes"] == n * 3 * 32 * 32  # ceil(0.001 * 2**30 / 3072 / 10) * 10
+    assert r["data"]["store_bytes"] == (n + 50) * 3 * 32 * 32
+    assert r["memory_subset_images"] == 35
+    for run in r["disk_runs"] + r["memory_runs"]:
+        assert run["steps_timed"] == 3 and run["img_per_s"] > 0 and run["seconds"] > 0
+        assert 0 <= run["data_wait_fraction"] < 1 and run["rss_anon_peak_bytes"] > 10 * 2**20
+    assert [run["loader"] for run in r["disk_runs"]] == ["StreamLoader"]
+    assert [run["loader"] for run in r["memory_runs"]] == ["TensorLoader"]
+    assert r["memory_runs"][0]["train_images"] == 35 and r["disk_runs"][0]["train_images"] == n
+    assert r["ratio"] == pytest.approx(r["disk_img_per_s"] / r["memory_img_per_s"])
+    assert r["loader_only"]["img_per_s"] > 0 and r["loader_only"]["steps_timed"] == 2
+    assert r["machine"]["cores"] >= 1 and r["machine"]["torch"]
+    if r["method"] != "fadvise":  # the child ran in the cgroup, and the cgroup is gone
+        assert 0 < r["disk_cgroup_peak_bytes"] <= r["limit_bytes"]
+        assert not Path(r["cgroup_folder"]).exists()
+
+
+def _has_commit(commit: str) -> bool:
+    done = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_before_after_tiny(tmp_path: Path, official_dir: Path) -> None:
+    commit = "671d7ba"
+    if not _has_commit(commit):
+        pytest.skip(f"this checkout does not have commit {commit} (a shallow clone?)")
+    out, tree = tmp_path / "ba.json", tmp_path / "before"
+    try:
+        run_script(
+            str(BENCHMARKS / "before_after.py"),
+            *("--before-commit", commit, "--before-tree", str(tree), "--data", str(official_dir)),
+            *("--recipe", "seed", "--subset", "0", "--rounds", "1", "--threads", "1"),
+            *("--work", str(tmp_path / "work"), "--out", str(out)),
+        )
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    r = json.loads(out.read_text())
+    assert r["before"]["commit"].startswith(commit) and len(r["after"]["commit"]) == 40
+    assert r["train_images_per_epoch"] == 480  # 600 training images, 20% held out for validation (seed recipe)
+    for name in ("before", "after"):
+        (run,) = r["runs"][name]
+        assert run["tree"] == name and len(run["epoch_seconds"]) == 1 and run["img_per_s"] > 0
+        assert r["median_img_per_s"][name] == pytest.approx(run["img_per_s"])
+        assert 0 < r["median_epoch_seconds"][name] <= run["wall_seconds"]
+    assert r["ratio_after_to_before_img_per_s"] == pytest.approx(
+        r["median_img_per_s"]["after"] / r["median_img_per_s"]["before"]
+    )
