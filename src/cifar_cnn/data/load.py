@@ -370,7 +370,7 @@ def _without_cache(
 def _held(store: Store, storage: str) -> Store:
     """The store with its pixels read into memory when they are to stay there, else memory-mapped as opened."""
     if isinstance(store.pixels, np.memmap) and keep_in_memory(store.nbytes, storage):
-        store.pixels = np.array(store.pixels)
+        store.pixels = np.fromfile(store.pixels.filename, dtype=np.uint8)  # one sequential read
     return store
 
 

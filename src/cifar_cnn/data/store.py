@@ -18,6 +18,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -120,8 +121,18 @@ def read_store(folder: Path, stamp: str) -> Store | str:
     if have != want:
         return f"its pixel file is truncated ({have} of {want} bytes)"
     data = np.memmap(pixels, dtype=np.uint8, mode="r") if want else np.zeros(0, np.uint8)
+    _random_access(data)
     classes = [str(c) for c in arrays.pop("classes")]
     return Store(data, arrays["starts"], arrays["shapes"], arrays["labels"], arrays["splits"], classes, meta)
+
+
+def _random_access(pixels: np.ndarray) -> None:
+    """Tell the kernel that the memory map is read at random (batches in shuffled order): no read-ahead. With a
+    large read-ahead (8 MiB on this benchmark machine) every image read would pull megabytes that the page cache,
+    limited to less than the data, evicts before they are used: 470x more read than needed, 4x slower training."""
+    mm = getattr(pixels, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
 
 
 # --------------------------------------------------------------------------------------------------------------------
