@@ -47,7 +47,9 @@ def test_alternating_flip_each_image_flipped_in_one_of_two_epochs() -> None:
     assert 0 < sum(torch.equal(a, o.flip(2)) for a, o in zip(e0, x)) < 10  # a random half-ish in epoch 0
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize(
+    "recipe", [pytest.param(r, marks=pytest.mark.slow) if r == "accurate" else r for r in sorted(RECIPES)]
+)  # accurate: 3 minutes on 2 cores, run by hand (--runslow)
 def test_recipe_smoke(recipe: str, tmp_path: Path, official_dir: Path) -> None:
     """CI's short run of every recipe on the tiny data set: it trains, writes its files and records its TTA."""
     cfg = resolve_config(

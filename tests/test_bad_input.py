@@ -166,7 +166,7 @@ CASES: list[Case] = [
         "data",
         "a folder with neither batches nor train/",
         lambda e: ["data", "--data", str(e.tree({"readme.md": b"x"}, "plain"))],
-        "found neither CIFAR-10 batches",
+        "found neither CIFAR batches",
     ),
     (
         "corrupt-tar-gz",

@@ -35,6 +35,7 @@ def test_bench_end_to_end(tmp_path: Path, official_dir: Path) -> None:
     assert "| seed | seed_cnn |" in md and "| seed | 0 |" in md
 
 
+@pytest.mark.slow  # 2-3 minutes: a benchmark run, by hand (--runslow)
 def test_time_to_target(tmp_path: Path) -> None:
     """The seed recipe trains to the end and sets the target; quick, given learning rates too small to move its
     weights (overrides reach every recipe but the seed baseline), certainly stays far below it: it runs all its
@@ -125,6 +126,7 @@ def test_to_target_ratio_compares_the_times_of_the_recipes_that_reached_the_targ
     ]
 
 
+@pytest.mark.slow  # 2 minutes: a benchmark run, by hand (--runslow)
 def test_time_to_target_stops_at_the_target_with_overrides(tmp_path: Path) -> None:
     x, y = make_images(120, seed=1)
     tx, ty = make_images(20, seed=2)

@@ -8,12 +8,16 @@ import argparse
 import pytest
 
 from cifar_cnn.choices import (
+    CLASS_WEIGHTS,
     DEVICES,
+    LABEL_SETS,
     LOSS_REDUCTIONS,
     NORMALIZE_MODES,
     OPTIMIZERS,
     PRECISIONS,
+    SAMPLERS,
     SCHEDULES,
+    STORAGE_MODES,
     TTA_MODES,
     check_choice,
 )
@@ -29,6 +33,10 @@ CONFIG_CHOICES = {
     "precision": PRECISIONS,
     "tta": TTA_MODES,
     "normalize": NORMALIZE_MODES,
+    "label_set": LABEL_SETS,
+    "class_weights": CLASS_WEIGHTS,
+    "sampler": SAMPLERS,
+    "image_storage": STORAGE_MODES,
 }
 
 

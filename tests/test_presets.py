@@ -15,7 +15,7 @@ from .conftest import CLASSES, make_images
 
 def test_channel_stats_match_numpy() -> None:
     x, _ = make_images(7, num_classes=3, size=12, seed=4)
-    mean, std = channel_stats(x, chunk=5)
+    mean, std = channel_stats(x, chunk_bytes=5 * 3 * 12 * 12 * 8)  # 5 images a chunk: several chunks
     ref = x.astype(np.float64) / 255
     assert mean == pytest.approx(tuple(ref.mean(axis=(0, 2, 3))), abs=1e-6)
     assert std == pytest.approx(tuple(ref.std(axis=(0, 2, 3))), abs=1e-6)

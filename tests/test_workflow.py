@@ -71,7 +71,7 @@ def test_report_and_tensorboard_after_training(tmp_path: Path, tree: Path, no_se
     # the engine's augmentation, applied independently to the run's uint8 training images
     splits = make_splits(load_dataset(str(tree), SIZE, log=lambda _: None), cfg.val_split, cfg.seed)
     loader = TensorLoader(
-        torch.from_numpy(splits.train_images).float(),
+        torch.from_numpy(splits.train_images[:]).float(),  # images of other sizes: the centre crops, as the engine
         torch.from_numpy(splits.train_labels),
         cfg.batch_size,
         shuffle=True,
