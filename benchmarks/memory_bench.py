@@ -26,6 +26,7 @@ The child processes are this same file run with `--child SPEC.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -209,7 +210,8 @@ def _try_cgroup2(limit: int, name: str) -> Limit | str:
     base = mounts[0][0] / path.lstrip("/")
     controllers = (base / "cgroup.controllers").read_text().split() if (base / "cgroup.controllers").exists() else []
     if "memory" not in controllers:
-        return f"cgroup v2 at {mounts[0][0]}: the memory controller is not available ({' '.join(controllers) or 'none'})"
+        have = " ".join(controllers) or "none"
+        return f"cgroup v2 at {mounts[0][0]}: the memory controller is not available (controllers: {have})"
     folder = base / name
     try:
         folder.mkdir()
@@ -279,10 +281,10 @@ def drop_from_page_cache(path: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor(),
-    )
+    names = [
+        line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+    ]
+    cpu = names[0] if names else platform.processor()
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line)
     import torch
 
@@ -328,10 +330,8 @@ class MemorySampler(threading.Thread):
             if key in self.FIELDS:
                 self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
         if self.usage_file:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.peaks["cgroup_usage"] = max(self.peaks["cgroup_usage"], int(Path(self.usage_file).read_text()))
-            except (OSError, ValueError):
-                pass
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
@@ -395,13 +395,29 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
         images.pixels._mmap.madvise(mmap.MADV_RANDOM)
     config = TrainConfig(
-        model=spec["model"], model_args=spec["model_args"], batch_size=batch, flip=True, seed=0, val_split=0.0,
-        lr=0.05, momentum=0.9, nesterov=True, image_size=size, channels_last=True,
+        model=spec["model"],
+        model_args=spec["model_args"],
+        batch_size=batch,
+        flip=True,
+        seed=0,
+        val_split=0.0,
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        image_size=size,
+        channels_last=True,
     )
     info = model_info(config.model)
     empty = np.zeros(0, dtype=np.int64)
-    splits = Splits(images, labels, images[:0] if mode == "memory" else images.take(empty), labels[:0],
-                    ds.test_images, ds.test_labels, list(ds.classes))
+    splits = Splits(
+        images,
+        labels,
+        images[:0] if mode == "memory" else images.take(empty),
+        labels[:0],
+        ds.test_images,
+        ds.test_labels,
+        list(ds.classes),
+    )
     data = RunData(DataSource(spec["data"]), {}, splits, size, info.mean, info.std, "model")
     device = torch.device("cpu")
     precision = resolve_precision("auto", device)
@@ -417,7 +433,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     io_at: dict[str, dict[str, int]] = {}
     if spec["loader_only"]:
         while len(marks) < steps:
-            for step, x, y in loader.batches(epochs):
+            for _ in loader.batches(epochs):
                 marks.append(time.perf_counter())
                 if len(marks) == warmup:
                     io_at["warm"] = io_counters()
@@ -447,8 +463,16 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             if spec["fadvise_each_epoch"] and epochs:
                 drop_from_page_cache(pixels_file)
             train_one_epoch(
-                model, loader, optimizer, epoch=epochs, lr_fn=lr_fn, peak_lrs=peak_lrs, device=device,
-                precision=precision, channels_last=channels_last, on_step=on_step,
+                model,
+                loader,
+                optimizer,
+                epoch=epochs,
+                lr_fn=lr_fn,
+                peak_lrs=peak_lrs,
+                device=device,
+                precision=precision,
+                channels_last=channels_last,
+                on_step=on_step,
             )
             epochs += 1
         correct_fraction = totals_seen[0] / max(1, totals_seen[1])
@@ -526,8 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="on-disk / in-memory pairs, alternated (medians reported)")
     p.add_argument("--subset-fraction", type=float, default=0.1, help="the in-memory subset, of the training images")
     p.add_argument("--loader-steps", type=int, default=100, help="steps of a loader-only on-disk child (0: none)")
-    p.add_argument("--madvise", choices=("none", "random"), default="none",
-                   help="experiment: madvise the memory map MADV_RANDOM in the on-disk children")
+    p.add_argument(
+        "--madvise",
+        choices=("none", "random"),
+        default="none",
+        help="experiment: madvise the memory map MADV_RANDOM in the on-disk children",
+    )
     p.add_argument("--method", choices=METHODS, default="auto", help="how to limit memory (auto: the first that works)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads in each child")
     p.add_argument("--work", type=Path, default=Path("/tmp/work/memory-bench"), help="data set, data home, results")
@@ -549,14 +577,17 @@ def main(argv: list[str] | None = None) -> int:
     n_train = math.ceil(args.data_factor * limit_bytes / per_image / N_CLASSES) * N_CLASSES
     args.work.mkdir(parents=True, exist_ok=True)
     data_dir, home = args.work / f"data-{args.image_size}px-{n_train}", args.work / "home"
-    log(f"data set: {n_train} training images of {args.image_size} px = {n_train * per_image / 2**30:.2f} GiB decoded "
-        f"({n_train * per_image / limit_bytes:.2f}x the {args.limit_mib:.0f} MiB limit)")
+    log(
+        f"data set: {n_train} training images of {args.image_size} px = {n_train * per_image / 2**30:.2f} GiB decoded "
+        f"({n_train * per_image / limit_bytes:.2f}x the {args.limit_mib:.0f} MiB limit)"
+    )
     write_dataset(data_dir, n_train, args.test_images, args.image_size, len(os.sched_getaffinity(0)), log)
 
     from cifar_cnn.data import load_dataset
 
     t1 = time.perf_counter()
-    ds = load_dataset(str(data_dir), args.image_size, storage="disk", home=home, log=lambda m: m.startswith("decoding:") or log(m))
+    quieter = lambda m: m.startswith("decoding:") or log(m)  # noqa: E731  (no line per 10% of the decode)
+    ds = load_dataset(str(data_dir), args.image_size, storage="disk", home=home, log=quieter)
     pixels_file = ds.train_images.pixels.filename
     decode_s = time.perf_counter() - t1
     store_bytes = os.path.getsize(pixels_file)
@@ -564,15 +595,31 @@ def main(argv: list[str] | None = None) -> int:
     log(f"decode cache ready in {decode_s:.0f}s: {pixels_file} ({store_bytes / 2**30:.2f} GiB)")
 
     limit = make_limit(args.method, limit_bytes)
-    log(f"memory limit: {limit.method}" + (f" ({limit.folder})" if limit.folder else " (no limit; page cache dropped "
-        "at every epoch start)") + (f"; not used: {'; '.join(limit.why_not)}" if limit.why_not else ""))
+    log(
+        f"memory limit: {limit.method}"
+        + (f" ({limit.folder})" if limit.folder else " (no limit; page cache dropped at every epoch start)")
+        + (f"; not used: {'; '.join(limit.why_not)}" if limit.why_not else "")
+    )
     base = {
-        "data": str(data_dir), "home": str(home), "image_size": args.image_size, "batch_size": args.batch_size,
-        "model": args.model, "model_args": json.loads(args.model_args), "threads": args.threads,
-        "warmup": args.warmup, "subset": max(args.batch_size, round(args.subset_fraction * n_train)),
+        "data": str(data_dir),
+        "home": str(home),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "model": args.model,
+        "model_args": json.loads(args.model_args),
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "subset": max(args.batch_size, round(args.subset_fraction * n_train)),
     }
-    disk_spec = {**base, "mode": "disk", "steps": args.steps, "loader_only": False, "madvise": args.madvise,
-                 "fadvise_each_epoch": limit.method == "fadvise", "usage_file": limit.usage_file()}
+    disk_spec = {
+        **base,
+        "mode": "disk",
+        "steps": args.steps,
+        "loader_only": False,
+        "madvise": args.madvise,
+        "fadvise_each_epoch": limit.method == "fadvise",
+        "usage_file": limit.usage_file(),
+    }
     memory_spec = {**base, "mode": "memory", "steps": args.steps, "loader_only": False, "fadvise_each_epoch": False}
     disk_runs: list[dict[str, Any]] = []
     memory_runs: list[dict[str, Any]] = []
@@ -581,9 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.loader_steps:
             drop_from_page_cache(pixels_file)
             loader_run = start_child({**disk_spec, "steps": args.loader_steps, "loader_only": True}, args.work, limit)
-            log(f"loader only, on disk: {loader_run['img_per_s']:.0f} img/s, "
+            log(
+                f"loader only, on disk: {loader_run['img_per_s']:.0f} img/s, "
                 f"{loader_run['disk_read_bytes_timed'] / 2**20:.0f} MiB read from disk for "
-                f"{loader_run['image_bytes_timed'] / 2**20:.0f} MiB of images")
+                f"{loader_run['image_bytes_timed'] / 2**20:.0f} MiB of images"
+            )
         for r in range(args.rounds):
             order = ("disk", "memory") if r % 2 == 0 else ("memory", "disk")
             for mode in order:
@@ -594,15 +643,24 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     run = start_child(memory_spec, args.work, None)
                     memory_runs.append(run)
-                log(f"round {r + 1} {mode}: {run['img_per_s']:.1f} img/s ({run['loader']}, data wait "
+                log(
+                    f"round {r + 1} {mode}: {run['img_per_s']:.1f} img/s ({run['loader']}, data wait "
                     f"{100 * run['data_wait_fraction']:.1f}% of the time, RssAnon peak "
                     f"{run['rss_anon_peak_bytes'] / 2**20:.0f} MiB"
-                    + (f", cgroup peak {run['cgroup']['peak_bytes'] / 2**20:.0f} MiB, limit hits "
-                       f"{run['cgroup']['limit_hits']}" if run.get("cgroup", {}).get("peak_bytes") else "") + ")")
+                    + (
+                        f", cgroup peak {run['cgroup']['peak_bytes'] / 2**20:.0f} MiB, limit hits "
+                        f"{run['cgroup']['limit_hits']}"
+                        if run.get("cgroup", {}).get("peak_bytes")
+                        else ""
+                    )
+                    + ")"
+                )
     finally:
         limit.remove()
 
-    disk_ips, memory_ips = summarize(disk_runs, "img_per_s"), summarize(memory_runs, "img_per_s")
+    disk_ips = summarize(disk_runs, "img_per_s") if disk_runs else None
+    memory_ips = summarize(memory_runs, "img_per_s") if memory_runs else None
+    ratio = disk_ips / memory_ips if disk_ips and memory_ips else None
     result = {
         "benchmark": "memory_bench",
         "method": limit.method,
@@ -613,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             "(posix_fadvise DONTNEED) at every epoch start; see the anonymous RSS",
         }[limit.method],
         "methods_not_usable": limit.why_not,
+        "cgroup_folder": str(limit.folder) if limit.folder else None,  # removed at the end
         "limit_bytes": limit_bytes,
         "data": {
             "train_images": n_train,
@@ -632,11 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         "memory_subset_images": base["subset"],
         "disk_img_per_s": disk_ips,
         "memory_img_per_s": memory_ips,
-        "ratio": disk_ips / memory_ips,
+        "ratio": ratio,
         "target_ratio": 0.8,
-        "meets_target": disk_ips / memory_ips >= 0.8,
-        "disk_rss_anon_peak_bytes": max(r["rss_anon_peak_bytes"] for r in disk_runs),
-        "memory_rss_anon_peak_bytes": max(r["rss_anon_peak_bytes"] for r in memory_runs),
+        "meets_target": ratio >= 0.8 if ratio is not None else None,
+        "disk_rss_anon_peak_bytes": max((r["rss_anon_peak_bytes"] for r in disk_runs), default=None),
+        "memory_rss_anon_peak_bytes": max((r["rss_anon_peak_bytes"] for r in memory_runs), default=None),
         "disk_cgroup_peak_bytes": max((r.get("cgroup", {}).get("peak_bytes") or 0 for r in disk_runs), default=0)
         or None,
         "loader_only": loader_run,
@@ -649,11 +708,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.work / "memory_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    log(f"on disk {disk_ips:.1f} img/s vs in memory {memory_ips:.1f} img/s: ratio {result['ratio']:.2f} "
-        f"({'meets' if result['meets_target'] else 'misses'} the 0.80 target); method {limit.method}; "
-        f"peak RssAnon on disk {result['disk_rss_anon_peak_bytes'] / 2**20:.0f} MiB"
-        + (f", cgroup peak {result['disk_cgroup_peak_bytes'] / 2**20:.0f} MiB of {args.limit_mib:.0f}"
-           if result["disk_cgroup_peak_bytes"] else ""))
+    if ratio is not None:
+        log(
+            f"on disk {disk_ips:.1f} img/s vs in memory {memory_ips:.1f} img/s: ratio {ratio:.2f} "
+            f"({'meets' if result['meets_target'] else 'misses'} the 0.80 target); method {limit.method}; "
+            f"peak RssAnon on disk {result['disk_rss_anon_peak_bytes'] / 2**20:.0f} MiB"
+            + (
+                f", cgroup peak {result['disk_cgroup_peak_bytes'] / 2**20:.0f} MiB of {args.limit_mib:.0f}"
+                if result["disk_cgroup_peak_bytes"]
+                else ""
+            )
+        )
     log(f"wrote {out} ({result['total_seconds']:.0f}s in all)")
     return 0
 

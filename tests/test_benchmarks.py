@@ -75,12 +75,14 @@ def test_before_after_tiny(tmp_path: Path, official_dir: Path) -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     r = json.loads(out.read_text())
     assert r["before"]["commit"].startswith(commit) and len(r["after"]["commit"]) == 40
-    assert r["train_images_per_epoch"] == 480  # 600 training images, 20% held out for validation (seed recipe)
+    assert r["train_images_per_epoch"] == 480 and r["same_data"]  # 600 images, 20% held out (seed recipe)
     for name in ("before", "after"):
         (run,) = r["runs"][name]
         assert run["tree"] == name and len(run["epoch_seconds"]) == 1 and run["img_per_s"] > 0
         assert r["median_img_per_s"][name] == pytest.approx(run["img_per_s"])
         assert 0 < r["median_epoch_seconds"][name] <= run["wall_seconds"]
+    assert r["paired_ratios"] == [pytest.approx(r["ratio_after_to_before_img_per_s"])]
+    assert r["median_command_cpu_seconds"]["before"] > 0 and r["median_command_cpu_seconds"]["after"] > 0
     assert r["ratio_after_to_before_img_per_s"] == pytest.approx(
         r["median_img_per_s"]["after"] / r["median_img_per_s"]["before"]
     )
