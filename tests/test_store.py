@@ -154,7 +154,7 @@ def _spawn_data(tree: Path, home: Path) -> subprocess.Popen:
 
 
 def test_interrupted_decode_continues_where_it_stopped(tmp_path: Path, data_home: Path) -> None:
-    tree = write_tree(tmp_path / "tree", 700, size=(96, 96), fmt="jpg")
+    tree = write_tree(tmp_path / "tree", 1000, size=(128, 128), fmt="png")  # ~10 chunks: seconds of decoding
     proc = _spawn_data(tree, data_home)
     deadline = time.time() + 120
     status = None
