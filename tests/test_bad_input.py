@@ -1003,10 +1003,19 @@ def catalogue_markdown() -> str:
     return "\n".join(rows)
 
 
+CATALOGUE_DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+
+
+def write_catalogue_doc() -> None:
+    """Replace the table at the end of docs/bad-input.md (everything from its header row) with the current one."""
+    text = CATALOGUE_DOC.read_text()
+    CATALOGUE_DOC.write_text(text[: text.index("| # | area |")] + catalogue_markdown() + "\n")
+
+
 def test_docs_table_is_current() -> None:
-    doc = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
-    assert catalogue_markdown() in doc.read_text(), "regenerate docs/bad-input.md: python -m tests.test_bad_input"
+    assert catalogue_markdown() in CATALOGUE_DOC.read_text(), "regenerate docs/bad-input.md: python -m tests.test_bad_input"
 
 
 if __name__ == "__main__":
-    print(catalogue_markdown())
+    write_catalogue_doc()
+    print(f"wrote {CATALOGUE_DOC}")
