@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     # ground floor: facts and small tools every layer may use
     ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules"],
     # data: decoding, sources, cache, splits, the tensor pipeline
-    ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset"],
+    ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset", "data.augment"],
     ["data.sources"],
     ["data.store", "data.download", "data.pipeline"],
     ["data.catalog"],
@@ -34,7 +34,7 @@ LAYERS: list[list[str]] = [
     # what a run is built from
     ["recipes", "device"],
     ["models.registry"],
-    ["models.seed_cnn", "models.resnet", "models.airbench"],
+    ["models.seed_cnn", "models.resnet", "models.airbench", "models.hf"],
     ["models"],
     ["config"],
     ["checkpoint", "presets", "rundir", "distributed", "transfer"],
@@ -51,7 +51,7 @@ LAYERS: list[list[str]] = [
     ["engine"],
     # on top of the engine and of prediction
     ["export", "progress", "serve.app", "serve"],
-    ["workflow", "tune", "bench"],
+    ["workflow", "tune", "bench", "lr_find"],
     ["cli"],
     ["__main__", "__init__"],
 ]

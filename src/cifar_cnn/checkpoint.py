@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of plain types and tensors:
     format, format_version      the tag that says this is one of ours
-    model: {name, args}         what rebuilds the network (with the registry)
+    model: {name, args[, hf]}   what rebuilds the network (with the registry; hf: an hf: model's config, see models.hf)
     num_classes, classes        label order
     input_size, mean, std       preprocessing
     tta                         the test-time augmentation the recipe evaluates with
@@ -32,6 +32,16 @@ from .errors import CifarCnnError
 
 FORMAT = "cifar-cnn-checkpoint"
 FORMAT_VERSION = 1
+
+
+def model_spec(name: str, args: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """A checkpoint's `model` entry: the name and builder arguments, and for an hf: model its record (config with
+    the run's labels, preprocessing, origin), which rebuilds the network with no files and no network."""
+    spec: dict[str, Any] = {"name": name, "args": dict(args)}
+    record = getattr(model, "hf_record", None)
+    if record is not None:
+        spec["hf"] = record
+    return spec
 
 
 def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,7 +118,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
     from .models import create_model
 
     spec = ckpt["model"]
-    model = create_model(spec["name"], num_classes=len(ckpt["classes"]), **dict(spec.get("args", {})))
+    model = create_model(
+        spec["name"],
+        num_classes=len(ckpt["classes"]),
+        classes=list(ckpt["classes"]),
+        record=spec.get("hf"),
+        **dict(spec.get("args", {})),
+    )
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:

@@ -211,9 +211,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def _model_name(name: str) -> str:
     """--model NAME, checked against the model registry (imported only when the option is given)."""
-    from .models import list_models
+    from .models import family_of, list_models
 
-    if name not in list_models():
+    if name not in list_models() and family_of(name) is None:
         choices = ", ".join(repr(n) for n in list_models())
         raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {choices})")
     return name
@@ -515,17 +515,20 @@ def _build_show_data(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_models, model_info
+    from .models import list_families, list_models, model_info
 
     rows = [
         {"name": n, "input_size": model_info(n).input_size, "description": model_info(n).description}
         for n in list_models()
     ]
+    families = [{"prefix": f.prefix, "description": f.description} for f in list_families()]
     if args.json:
-        _emit_json({"models": rows})
+        _emit_json({"models": rows, "families": families})
     else:
         for r in rows:
             print(f"{r['name']:<16} {r['input_size']:>3}px  {r['description']}")
+        for f in families:
+            print(f"{f['prefix'] + '...':<16} {'':>5}  {f['description']}")
     return 0
 
 

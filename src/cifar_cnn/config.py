@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .choices import (
+    AUTO_AUGMENTS,
     CLASS_WEIGHTS,
     DEVICES,
     LABEL_SETS,
@@ -93,6 +94,14 @@ class TrainConfig:
         None, "augmentation: random-resized-crop, the crop's area as a fraction of the image, MIN MAX (default: off)"
     )
     crop_ratio: tuple = _f((0.75, 4 / 3), "augmentation: random-resized-crop, range of the crop's aspect ratio w/h")
+    auto_augment: str = _f("none", "augmentation policy: RandAugment or TrivialAugment-wide, per image", AUTO_AUGMENTS)
+    randaugment_ops: int = _f(2, "randaugment: operations applied to each image")
+    randaugment_magnitude: int = _f(9, "randaugment: strength of every operation, 0..30")
+    random_erasing: float = _f(0.0, "augmentation: probability of erasing a random rectangle with noise (0: off)")
+    mixup_alpha: float = _f(0.0, "mixup: Beta(alpha, alpha) mixing of image pairs and their labels (0: off)")
+    cutmix_alpha: float = _f(0.0, "cutmix: Beta(alpha, alpha) area pasted from another image (0: off)")
+    mix_prob: float = _f(1.0, "mixup/cutmix: probability that a batch is mixed")
+    mix_switch_prob: float = _f(0.5, "mixup and cutmix both on: probability of cutmix for a batch")
     class_weights: str = _f("none", "loss weights per class: auto = inverse class frequency", CLASS_WEIGHTS)
     sampler: str = _f("shuffle", "training order: balanced = classes drawn equally often", SAMPLERS)
     drop_last: bool = _f(False, "drop the last incomplete training batch of each epoch")
@@ -120,7 +129,17 @@ class TrainConfig:
     )
     init_from: str = _f("", "start from this cifar-cnn checkpoint's weights (transfer learning / fine-tuning)")
     reset_head: bool = _f(False, "with init_from: a new classifier head even when the classes are the same")
-    freeze_backbone: bool = _f(False, "with init_from: train only the classifier head")
+    freeze_backbone: bool = _f(False, "with init_from or a pretrained hf: model: train only the classifier head")
+    pretrained: bool = _f(True, "hf: models: start from the published weights (false: the same network from scratch)")
+    freeze_epochs: int = _f(
+        0,
+        "train the head alone for this many epochs (the body in eval mode: batch norm keeps its running statistics), "
+        "then everything, the body's LR warming up again over warmup_epochs (head LR: lr x head_lr_factor)",
+    )
+    # training controls
+    patience: int = _f(0, "stop when the validation loss has not improved for this many epochs (0: never)")
+    clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value (0: off)")
+    accum_steps: int = _f(1, "accumulate gradients over this many batches per optimizer step (batch_size each)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, not tuples), so it fits YAML, JSON and a weights-only checkpoint."""
@@ -248,7 +267,20 @@ def resolve_config(
     if overrides:
         overrides = _model_args_for(config, overrides)
         config = apply(config, overrides, "command line")
-    return validate(config)
+    return validate(_model_preprocessing(config, {*file_values, *overrides}))
+
+
+# The keys that say how images are prepared; a pretrained model has its own, which only the user overrides.
+PREPROCESSING_KEYS = {"mean": None, "std": None, "image_size": 0, "normalize": "model"}
+
+
+def _model_preprocessing(config: TrainConfig, given: set[str]) -> TrainConfig:
+    """An hf: model keeps its own input size and normalization (from its config and preprocessor files) unless a
+    config file or the command line sets them: a recipe's CIFAR-10 mean/std, its image size and `normalize auto`'s
+    data-set statistics are for networks trained from scratch, not for a pretrained one."""
+    if not config.model.startswith("hf:"):
+        return config
+    return dataclasses.replace(config, **{k: v for k, v in PREPROCESSING_KEYS.items() if k not in given})
 
 
 def _model_args_for(config: TrainConfig, layer: dict[str, Any]) -> dict[str, Any]:
@@ -292,7 +324,29 @@ def validate(c: TrainConfig) -> TrainConfig:
         (0 < c.crop_ratio[0] <= c.crop_ratio[1], "crop_ratio must be MIN MAX with 0 < MIN <= MAX"),
         (0 < c.test_split < 1, "test_split must be in (0, 1)"),
         (c.image_size == 0 or c.image_size >= 8, "image_size must be 0 (the model's) or at least 8"),
-        (c.init_from or not (c.reset_head or c.freeze_backbone), "reset_head and freeze_backbone need init_from"),
+        (c.init_from or not c.reset_head, "reset_head needs init_from"),
+        (
+            c.init_from or c.model.startswith("hf:") or not c.freeze_backbone,
+            "freeze_backbone needs init_from or a pretrained hf: model",
+        ),
+        (c.freeze_epochs >= 0, "freeze_epochs must be >= 0"),
+        (
+            c.freeze_epochs < c.epochs or c.freeze_epochs == 0,
+            f"freeze_epochs {c.freeze_epochs} must be below epochs {c.epochs} (the body trains after it; "
+            "freeze_backbone trains the head alone for the whole run)",
+        ),
+        (not (c.freeze_epochs and c.freeze_backbone), "freeze_epochs and freeze_backbone exclude each other"),
+        (c.mixup_alpha >= 0, f"mixup_alpha must be >= 0, got {c.mixup_alpha}"),
+        (c.cutmix_alpha >= 0, f"cutmix_alpha must be >= 0, got {c.cutmix_alpha}"),
+        (0 <= c.random_erasing <= 1, f"random_erasing is a probability, in [0, 1], got {c.random_erasing}"),
+        (0 <= c.mix_prob <= 1, f"mix_prob is a probability, in [0, 1], got {c.mix_prob}"),
+        (0 <= c.mix_switch_prob <= 1, f"mix_switch_prob is a probability, in [0, 1], got {c.mix_switch_prob}"),
+        (c.randaugment_ops >= 1, "randaugment_ops must be at least 1"),
+        (0 <= c.randaugment_magnitude <= 30, "randaugment_magnitude must be in 0..30"),
+        (c.patience >= 0, "patience must be >= 0"),
+        (not (c.patience and c.val_split == 0), "patience needs a validation split: set val_split above 0"),
+        (c.clip_grad >= 0, "clip_grad must be >= 0 (0: off)"),
+        (c.accum_steps >= 1, "accum_steps must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -17,9 +17,10 @@ from .models import model_info
 from .recipes import RECIPES
 
 
-def resolve_input_size(config: TrainConfig) -> int:
-    """The side images are resized to: config.image_size, or the model's own input size when it is 0."""
-    info = model_info(config.model)
+def resolve_input_size(config: TrainConfig, record: dict[str, Any] | None = None) -> int:
+    """The side images are resized to: config.image_size, or the model's own input size when it is 0. `record`: a
+    checkpoint's record of an hf: model (so a resumed run needs none of its files)."""
+    info = model_info(config.model, record)
     size = config.image_size or info.input_size
     if size != info.input_size and not info.any_input_size:
         raise CifarCnnError(
@@ -56,10 +57,10 @@ def channel_stats(images: Any, chunk_bytes: int = 64 << 20) -> tuple[tuple[float
 
 
 def resolve_normalization(
-    config: TrainConfig, classes: list[str], train_images: Any
+    config: TrainConfig, classes: list[str], train_images: Any, record: dict[str, Any] | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where they came from) for a run, following config.normalize (see its help)."""
-    info = model_info(config.model)
+    info = model_info(config.model, record)
     preset = RECIPES[config.recipe].values if config.recipe in RECIPES else {}
     given = (config.mean, config.std)
     # set in a config file or on the command line (a recipe's mean/std is its default for CIFAR-10, not a choice)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import save_checkpoint, unwrap_state_dict
+from ..checkpoint import model_spec, save_checkpoint, unwrap_state_dict
 from ..hooks import EpochTotals
 from ..rundir import RunPaths, now
 from ..version import __version__
@@ -28,7 +28,7 @@ class Checkpointer:
         self.paths, self.state = paths, state
         data, config = state.data, state.config
         self.common = dict(
-            model={"name": config.model, "args": dict(config.model_args)},
+            model=model_spec(config.model, dict(config.model_args), state.model),
             classes=list(data.splits.classes),
             num_classes=len(data.splits.classes),
             input_size=data.input_size,

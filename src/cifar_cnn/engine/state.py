@@ -115,7 +115,8 @@ def load_run_data(
     source = resolve_source(data, ckpt, run_dir)
     if config.image_storage != "auto":
         source = dataclasses.replace(source, storage=config.image_storage)
-    input_size = presets.resolve_input_size(config)
+    record = model_record(ckpt)
+    input_size = presets.resolve_input_size(config, record)
     ds = load_dataset(source, input_size, home=home, threads=threads, log=log)
     fingerprint = ds.fingerprint()
     if ckpt is not None:
@@ -125,8 +126,13 @@ def load_run_data(
         given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
     splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
-    mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images)
+    mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images, record)
     return RunData(source, fingerprint, splits, input_size, mean, std, stats_from, list(ds.skipped))
+
+
+def model_record(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a checkpoint recorded of a model family's network (an hf: model's config and preprocessing), if any."""
+    return ckpt["model"].get("hf") if ckpt is not None else None
 
 
 def build_loader(config: TrainConfig, data: RunData, precision: str, device: torch.device, dist: DistContext) -> Any:
@@ -177,7 +183,14 @@ def build_model(
     """The network with its initial weights: the checkpoint's when resuming, else seeded (and initialized from the
     data, or from --init-from). Returns (model, transfer summary)."""
     torch.manual_seed(config.seed)  # initial weights
-    model = create_model(config.model, num_classes=len(data.splits.classes), **config.model_args)
+    model = create_model(
+        config.model,
+        num_classes=len(data.splits.classes),
+        classes=data.splits.classes,
+        pretrained=config.pretrained and ckpt is None,  # a resumed run's weights come from its checkpoint
+        record=model_record(ckpt),
+        **config.model_args,
+    )
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model_state"])

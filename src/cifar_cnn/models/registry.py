@@ -32,6 +32,39 @@ class ModelInfo:
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """Models named by a prefix rather than registered one by one (`hf:ORG/NAME`): `info(name, record)` and
+    `build(num_classes, name=, classes=, pretrained=, record=)` answer for every name with the prefix. `record` is
+    what a checkpoint saved of the model (its `model.hf` entry), so a checkpoint needs no files to rebuild it."""
+
+    prefix: str
+    info: Callable[..., ModelInfo]
+    build: Callable[..., nn.Module]
+    description: str
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(
+    prefix: str, info: Callable[..., ModelInfo], build: Callable[..., nn.Module], description: str
+) -> None:
+    """Register a family of models named `prefix` + a reference (see ModelFamily)."""
+    if prefix in _FAMILIES:
+        raise ValueError(f"model family {prefix!r} is already registered")
+    _FAMILIES[prefix] = ModelFamily(prefix, info, build, description)
+
+
+def family_of(name: str) -> ModelFamily | None:
+    """The family a model name belongs to, or None for a registered model."""
+    return next((f for p, f in _FAMILIES.items() if name.startswith(p)), None)
+
+
+def list_families() -> list[ModelFamily]:
+    return [_FAMILIES[p] for p in sorted(_FAMILIES)]
+
+
 def register_model(
     name: str,
     *,
@@ -62,16 +95,37 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def model_info(name: str) -> ModelInfo:
-    """The registry entry for `name`; a clear error naming the choices if there is none."""
+def model_info(name: str, record: dict | None = None) -> ModelInfo:
+    """The registry entry for `name` (of a family: from its files, or from a checkpoint's `record` of the model); a
+    clear error naming the choices if there is none."""
+    family = family_of(name)
+    if family is not None:
+        return family.info(name, record)
     try:
         return _REGISTRY[name]
     except KeyError:
         raise CifarCnnError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
-    """Build the registered model `name` with `num_classes` outputs; unknown keyword arguments are an error."""
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    *,
+    classes: list[str] | None = None,
+    pretrained: bool = False,
+    record: dict | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Build the model `name` with `num_classes` outputs; unknown keyword arguments are an error.
+
+    For a family's model (hf:...): `classes` names the outputs (its own head is kept when they are its labels),
+    `pretrained` loads its published weights, `record` rebuilds it from a checkpoint. Registered models have no
+    pretrained weights (start them from a checkpoint with --init-from)."""
+    family = family_of(name)
+    if family is not None:
+        if kwargs:
+            raise CifarCnnError(f"model {name!r} takes no model arguments (got {', '.join(sorted(kwargs))})")
+        return family.build(num_classes, name=name, classes=classes, pretrained=pretrained, record=record)
     info = model_info(name)
     params = inspect.signature(info.builder).parameters
     unknown = sorted(k for k in kwargs if k not in params)
