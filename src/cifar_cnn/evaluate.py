@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .choices import SPLITS, TTA_MODES, check_choice
 from .data import Dataset, DataSource, Splits, load_dataset, make_splits
-from .data.pipeline import to_tensor
+from .data.pipeline import resize_batch, to_tensor
 from .data.preprocess import normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads
 from .errors import CifarCnnError
@@ -69,15 +69,18 @@ def predict_logits(
     precision: str = "fp32",
     tta: str = "none",
     channels_last: bool = False,
+    size: int | None = None,
 ) -> torch.Tensor:
     """Float32 logits (N, classes) on the CPU for uint8 images (N, 3, H, W) (an array, a tensor or an ImageSet, read
-    a batch at a time), normalized a batch at a time."""
+    a batch at a time), normalized a batch at a time and resized to `size` (the model's input) when held smaller."""
     was_training = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(images), batch_size):
             x = normalize(to_tensor(images[i : i + batch_size]).to(device, non_blocking=True), mean, std)
+            if size is not None:
+                x = resize_batch(x, size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
@@ -221,6 +224,7 @@ def evaluate_checkpoint(
         precision=prec,
         tta=mode,
         channels_last=channels_last,
+        size=int(ckpt["input_size"]),
     )
     metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
     metrics.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)

@@ -27,6 +27,7 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .choices import EXPORT_FORMATS, EXPORT_TOLERANCE, check_choice
 from .data import load_dataset
+from .data.pipeline import resize_batch
 from .data.preprocess import normalize
 from .device import set_threads
 from .errors import CifarCnnError
@@ -126,9 +127,11 @@ def parity(
 
     The exported model is run at batch size `batch_size` and again at 1 (on the first images), which checks the
     dynamic batch dimension too."""
-    mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
-    reference = predict_logits(model, images, mean, std, batch_size=batch_size, precision="fp32", tta="none").numpy()
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
+    mean, std, size = tuple(ckpt["mean"]), tuple(ckpt["std"]), int(ckpt["input_size"])
+    reference = predict_logits(
+        model, images, mean, std, batch_size=batch_size, precision="fp32", tta="none", size=size
+    ).numpy()
+    x = resize_batch(normalize(torch.from_numpy(np.ascontiguousarray(images)), mean, std), size)
     got = exported_logits(fmt, path, x, batch_size)
     single = exported_logits(fmt, path, x[:8], 1)
     diff = float(np.abs(got - reference).max())

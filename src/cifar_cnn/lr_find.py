@@ -176,7 +176,7 @@ def set_range_lr(state: RunState, lr: float) -> None:
     """Every parameter group at `lr` times its own factor (its peak LR / config.lr), so head_lr_factor's and
     muon_lr's ratios hold during the sweep as in training."""
     for group, peak in zip(state.optimizer.param_groups, state.peak_lrs):
-        group["lr"] = lr
+        group["lr"] = lr * peak / state.config.lr
 
 
 def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -97,25 +97,32 @@ def build_optimizer(
     muon_lr: float = 0.24,
     muon_momentum: float = 0.6,
     early_steps: int = 0,
+    body_start: int = 0,
+    body_warmup: int = 0,
 ) -> torch.optim.Optimizer | OptimizerSet:
     """The optimizer for `model`, with parameter groups:
 
     - head: the model's classifier head (`model.head_name`), LR x `head_lr_factor`;
     - early: parameters the model lists in `early_params`, trained only over the first `early_steps` steps with the
       LR falling linearly to 0 (the group's `decay_steps`);
+    - with `body_start` > 0 (a body frozen for that many updates) the head is a group of its own whatever its LR
+      factor, and every other group carries `start_step` = body_start and `warmup_steps` = body_warmup for the LR
+      schedule (see engine.loop.set_lrs): their LR is 0 before it, then warms up;
     - the rest. With 'muon', conv filters (4-D weights) go to Muon and everything else to Nesterov SGD, each SGD
       group's weight decay divided by its LR factor so that every group decays by the same lr x weight_decay per step.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    head = _head_names(model) & set(params) if head_lr_factor != 1.0 else set()  # one group when the LRs agree
+    # one group when the LRs agree and the body is never frozen
+    head = _head_names(model) & set(params) if head_lr_factor != 1.0 or body_start > 0 else set()
     early = set(getattr(model, "early_params", ())) & set(params)
     filters = {n for n, p in params.items() if p.ndim == 4} - head - early if name == "muon" else set()
     rest = [n for n in params if n not in head | early | filters]
     groups = []
+    body = {"start_step": body_start, "warmup_steps": body_warmup} if body_start > 0 else {}
     for names, factor, extra in (
-        (rest, 1.0, {}),
+        (rest, 1.0, body),
         (sorted(head), head_lr_factor, {}),
-        (sorted(early), 1.0, {"decay_steps": max(1, early_steps)}),
+        (sorted(early), 1.0, {"decay_steps": max(1, early_steps), **body}),
     ):
         if names:
             wd = weight_decay / factor if name == "muon" else weight_decay

@@ -104,6 +104,27 @@ def freeze_body(model: nn.Module, head: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def set_body_frozen(model: nn.Module, head: str, frozen: bool) -> None:
+    """Freeze (or unfreeze) every parameter outside the head, for `freeze_epochs`. The optimizer holds all of them
+    throughout: a parameter without a gradient is left alone by SGD and Adam alike (no momentum, no weight decay)."""
+    for name, p in model.named_parameters():
+        if not is_head(name, head):
+            p.requires_grad_(not frozen)
+
+
+def train_mode(model: nn.Module, head: str, frozen: bool) -> None:
+    """Training mode; with a frozen body, the body stays in eval mode: its batch norm normalizes with, and keeps, the
+    pretrained running statistics (the head then learns on the features the body will give after unfreezing, not on
+    batch statistics of a small data set), and its dropout is off."""
+    model.train()
+    if not frozen:
+        return
+    for name, module in model.named_modules():
+        inside = is_head(name, head) or head.startswith(name + ".") or name == ""  # the head or a module holding it
+        if not inside:
+            module.training = False
+
+
 def prepare_model(
     model: nn.Module,
     config: TrainConfig,
@@ -113,11 +134,12 @@ def prepare_model(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Apply a config's transfer settings to a fresh model: init_from (when `load_weights`: not when resuming, whose
-    checkpoint brings its own weights) and freeze_backbone. Returns a summary for run.json, or None."""
-    if not config.init_from:
+    checkpoint brings its own weights) and freeze_backbone (a pretrained hf: model needs no init_from). Returns a
+    summary for run.json, or None. (freeze_epochs is a phase of the run: see engine.state.enter_phase.)"""
+    if not config.init_from and not config.freeze_backbone:
         return None
-    summary: dict[str, Any] = {"init_from": config.init_from}
-    if load_weights:
+    summary: dict[str, Any] = {"init_from": config.init_from} if config.init_from else {}
+    if load_weights and config.init_from:
         summary = init_from_checkpoint(
             model,
             config.init_from,

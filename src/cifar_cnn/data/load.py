@@ -374,8 +374,20 @@ def _held(store: Store, storage: str) -> Store:
     return store
 
 
+def held_size(store: Store, size: int) -> int:
+    """The side images are held at: `size`, or their own smaller side when every image is one smaller square (32 px
+    CIFAR images for a 224 px model stay 32 px; batches are upscaled on the tensor pipeline, see
+    `cifar_cnn.data.pipeline.resize_batch`)."""
+    if not len(store.shapes):
+        return size
+    side = int(store.shapes[0, 0])
+    return side if side < size and bool(np.all(store.shapes == side)) else size
+
+
 def _dataset(store: Store, size: int) -> Dataset:
-    """The data set a store holds: in-memory arrays when every image is size x size, else ImageSets."""
+    """The data set a store holds: in-memory arrays when every image is size x size (or one smaller square, see
+    `held_size`), else ImageSets."""
+    requested, size = size, held_size(store, size)
     parts = {name: store.split(name, size) for name in SPLIT_CODES}
     if not len(parts["test"][1]):
         raise CifarCnnError(
@@ -389,14 +401,19 @@ def _dataset(store: Store, size: int) -> Dataset:
     has_val = bool(len(vy))
     ds = Dataset(trx, try_, tex, tey, list(store.classes), vx if has_val else None, vy if has_val else None)
     ds.skipped = list(store.meta.get("skipped", []))
-    ds.notes = list(store.meta.get("notes", [])) + _size_notes(store, size)
+    ds.notes = list(store.meta.get("notes", [])) + _size_notes(store, size, requested)
     ds.stored_fingerprint = store.meta.get("fingerprint")
     return ds
 
 
-def _size_notes(store: Store, size: int) -> list[str]:
-    small = int((store.shapes.min(axis=1) < size).sum()) if len(store.shapes) else 0
-    notes = [f"{small} images are smaller than {size} px on their shorter side and are upscaled to it"] if small else []
+def _size_notes(store: Store, size: int, requested: int) -> list[str]:
+    if size < requested:
+        notes = [f"images are {size} px: held at that size, batches upscaled to {requested} px on the tensor pipeline"]
+    else:
+        small = int((store.shapes.min(axis=1) < size).sum()) if len(store.shapes) else 0
+        notes = [f"{small} images are smaller than {size} px on their shorter side and are upscaled to it"] * bool(
+            small
+        )
     if isinstance(store.pixels, np.memmap):
         notes.append(f"decoded images ({store.nbytes / 2**30:.2f} GiB) are memory-mapped from {store.pixels.filename}")
     return notes

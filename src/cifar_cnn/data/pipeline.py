@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..choices import SAMPLERS, check_choice
+from . import augment as augment_ops
 from . import preprocess
 
 _MIX = 1_000_003  # a prime to mix (seed, epoch, step) into one generator seed
@@ -51,6 +52,16 @@ def normalize_split(
     return out
 
 
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (N, C, h, w) resized to size x size: bilinear, half-pixel centres (as Pillow's BILINEAR upscaling, which
+    the decoder uses for files smaller than the model's input), antialiased when shrinking. Unchanged at that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    shrink = min(x.shape[-2:]) > size
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return out.to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation, applied a batch at a time."""
@@ -59,10 +70,24 @@ class Augment:
     translate: int = 0  # random shift of up to this many pixels each way (reflect-padded crop)
     cutout: int = 0  # side of a random square set to 0 (the mean colour after normalization); 0 = off
     alternate_flip: bool = False  # a fixed random half flipped, and every image flipped every other epoch (airbench)
+    # small-data augmentation (cifar_cnn.data.augment), after the above
+    auto_augment: str = "none"  # "randaugment" or "trivialaugment": photometric and geometric ops per image
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0  # probability of erasing one rectangle of an image (after resizing)
+    mixup_alpha: float = 0.0  # mixup/cutmix of the final batch: the labels become soft targets
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    label_smoothing: float = 0.0  # folded into the soft targets when mixing (as timm does)
 
     @property
     def active(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0 or self.alternate_flip
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -147,17 +172,30 @@ class TensorLoader:
         augment: Augment | None = None,
         seed: int = 0,
         sampler: str = "shuffle",
+        size: int | None = None,
+        mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        num_classes: int = 0,
     ) -> None:
+        """`size`: the model's input side, when the images are held smaller (batches are upscaled to it); `mean` and
+        `std`: the images' normalization (RandAugment works on pixels); `num_classes`: for mixup/cutmix targets."""
         self.images, self.labels = images, labels
         # "balanced" draws classes equally often (with replacement); see epoch_order
         self.sampler = check_choice(sampler, SAMPLERS, "sampler")
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment = augment or Augment()
         self.seed = seed
+        self.size, self.mean, self.std, self.num_classes = size, tuple(mean), tuple(std), num_classes
+        if self.augment.mixing and num_classes < 2:
+            raise ValueError("mixup/cutmix need num_classes")
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def global_batch_size(self, step: int) -> int:
+        """Images in batch `step` (all processes together): batch_size, less for an epoch's last batch."""
+        return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of one epoch (the same for every process and every resume); see `epoch_order`."""
@@ -174,10 +212,46 @@ class TensorLoader:
         order = self.order(epoch).to(self.images.device)
         for step in range(start, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield step, self.augmented(self.images[idx], idx, epoch, step), self.labels[idx]
+            yield step, *self.prepared(self.images[idx], self.labels[idx], idx, epoch, step)
+
+    def prepared(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets) of batch `step` of `epoch` as the model trains on them: augmented at the size they are
+        held at (flips, shifts, cutout, RandAugment/TrivialAugment), resized to the model's input, randomly erased,
+        then mixed (mixup/cutmix: the targets become soft, (N, classes)). Each stage draws from its own generator of
+        (seed, epoch, step), so a batch is rebuilt exactly on resume and under torchrun."""
+        aug = self.augment
+        x = self.augmented(x, idx, epoch, step)
+        if aug.auto_augment != "none":
+            g = derived_generator(self.seed, epoch, step, 11, device=x.device)
+            if aug.auto_augment == "randaugment":
+                x = augment_ops.rand_augment(x, self.mean, self.std, g, aug.randaugment_ops, aug.randaugment_magnitude)
+            else:
+                x = augment_ops.trivial_augment(x, self.mean, self.std, g)
+        if self.size is not None:
+            x = resize_batch(x, self.size)
+        if aug.random_erasing > 0:
+            x = augment_ops.random_erasing(
+                x, derived_generator(self.seed, epoch, step, 12, device=x.device), aug.random_erasing
+            )
+        if aug.mixing:
+            x, y = augment_ops.mix_batch(
+                x,
+                y,
+                self.num_classes,
+                derived_generator(self.seed, epoch, step, 13, device=x.device),
+                mixup_alpha=aug.mixup_alpha,
+                cutmix_alpha=aug.cutmix_alpha,
+                switch_prob=aug.mix_switch_prob,
+                prob=aug.mix_prob,
+                label_smoothing=aug.label_smoothing,
+            )
+        return x, y
 
     def augmented(self, x: torch.Tensor, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """The normalized batch of images `idx` (step `step` of `epoch`) with this loader's augmentation."""
+        """The normalized batch of images `idx` (step `step` of `epoch`) with this loader's flips, shifts and
+        cutout."""
         if self.augment.alternate_flip:
             # each image is seen flipped in exactly half of the epochs, unflipped in the other half
             flip = self._base_flip().to(x.device)[idx] ^ bool(epoch % 2)

@@ -73,6 +73,8 @@ class StreamLoader(TensorLoader):
         drop_last: bool = False,
         augment: Augment | None = None,
         seed: int = 0,
+        size: int | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__(
             images,  # type: ignore[arg-type]
@@ -83,8 +85,12 @@ class StreamLoader(TensorLoader):
             drop_last=drop_last,
             augment=augment,
             seed=seed,
+            size=size,
+            mean=mean,
+            std=std,
+            num_classes=num_classes,
         )
-        self.mean, self.std, self.dtype, self.device = mean, std, dtype, torch.device(device)
+        self.dtype, self.device = dtype, torch.device(device)
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
 
     def pixels(self, epoch: int, step: int, idx: np.ndarray) -> np.ndarray:
@@ -113,4 +119,5 @@ class StreamLoader(TensorLoader):
                 ahead = pool.submit(read, step + 1) if step + 1 < len(self) else None
                 idx = torch.from_numpy(order[step * self.batch_size : (step + 1) * self.batch_size])
                 x = normalize(torch.from_numpy(u8).to(self.device), self.mean, self.std).to(self.dtype)
-                yield step, self.augmented(x, idx.to(self.device), epoch, step), self.labels[idx.to(self.device)]
+                idx = idx.to(self.device)
+                yield step, *self.prepared(x, self.labels[idx], idx, epoch, step)

@@ -1,12 +1,14 @@
 """One epoch of training (`train_one_epoch`) and what it needs: the optimizer and the LR schedule of a config.
 
 A step: set each parameter group's LR from the schedule, forward under autocast, cross-entropy in float32, backward
-(through the fp16 loss scaler when there is one), optimizer step, running totals. Everything else a run does around
-the steps (EMA, progress, probes, stop requests) is the caller's `on_step`.
+(through the fp16 loss scaler when there is one), and every `accum_steps` batches an optimizer update (gradients
+clipped first when asked), running totals. Everything else a run does around the updates (EMA, progress, probes,
+stop requests) is the caller's `on_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from ..choices import CLASS_WEIGHTS, check_choice
 from ..config import TrainConfig
+from ..data.augment import soft_target_cross_entropy
 from ..data.pipeline import TensorLoader
 from ..device import autocast
 from ..errors import CifarCnnError
@@ -29,8 +32,16 @@ class DivergenceError(CifarCnnError):
     """The loss became NaN or infinite."""
 
 
+def updates_per_epoch(steps_per_epoch: int, accum_steps: int) -> int:
+    """Optimizer updates in an epoch of `steps_per_epoch` batches, `accum_steps` batches per update (the last update
+    of an epoch may take fewer)."""
+    return -(-steps_per_epoch // max(1, accum_steps))
+
+
 def optimizer_for(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> Any:
-    """The optimizer a config asks for (see optim.build_optimizer for the parameter groups)."""
+    """The optimizer a config asks for (see optim.build_optimizer for the parameter groups). With freeze_epochs the
+    head is a group of its own, and the body's groups start after the frozen epochs, warming up again."""
+    updates = updates_per_epoch(steps_per_epoch, config.accum_steps)
     return build_optimizer(
         model,
         config.optimizer,
@@ -41,12 +52,15 @@ def optimizer_for(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -
         head_lr_factor=config.head_lr_factor,
         muon_lr=config.muon_lr,
         muon_momentum=config.muon_momentum,
-        early_steps=round(config.early_params_epochs * steps_per_epoch),
+        early_steps=round(config.early_params_epochs * updates),
+        body_start=config.freeze_epochs * updates,
+        body_warmup=round(config.warmup_epochs * updates),
     )
 
 
 def make_lr_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Step -> multiplier of the peak LR, for this config."""
+    """Optimizer update -> multiplier of the peak LR, for this config (`steps_per_epoch` batches per epoch)."""
+    steps_per_epoch = updates_per_epoch(steps_per_epoch, config.accum_steps)
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
     step_size = max(1, round(config.step_epochs * steps_per_epoch))
@@ -89,25 +103,48 @@ def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 
 
 def set_lrs(optimizer: Any, peak_lrs: list[float], global_step: int, scale: float) -> None:
-    """Each group at its peak LR times the schedule's multiplier; 'early' groups decay linearly to 0 on their own."""
+    """Each group at its peak LR times the schedule's multiplier; 'early' groups decay linearly to 0 on their own;
+    groups with a `start_step` (a body frozen for the first epochs) are at 0 before it, then warm up linearly over
+    their `warmup_steps`."""
     for group, peak in zip(optimizer.param_groups, peak_lrs):
         decay = group.get("decay_steps")
-        group["lr"] = peak * (max(0.0, 1.0 - global_step / decay) if decay else scale)
+        lr = peak * (max(0.0, 1.0 - global_step / decay) if decay else scale)
+        start = group.get("start_step", 0)
+        if start:
+            lr *= 0.0 if global_step < start else min(1.0, (global_step - start + 1) / max(1, group["warmup_steps"]))
+        group["lr"] = lr
 
 
 def backward_and_step(optimizer: Any, loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
-    """Backward and optimizer step; with a loss scaler a step whose gradients overflowed is skipped (and the scale
-    falls). Returns whether the weights were updated."""
+    """One whole step on one batch: zero the gradients, backward, update (see `apply_update`). Returns whether the
+    weights were updated."""
     optimizer.zero_grad(set_to_none=True)
+    backward(loss, scaler)
+    return apply_update(optimizer, scaler)
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Gradients of `loss` added to the parameters' (through the fp16 loss scaler when there is one)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def apply_update(optimizer: Any, scaler: torch.amp.GradScaler | None, clip_grad: float = 0.0) -> bool:
+    """The optimizer step on the accumulated gradients, their global L2 norm first clipped to `clip_grad` (0: off;
+    after unscaling them, with fp16). With a loss scaler a step whose gradients overflowed is skipped. Returns
+    whether the weights were updated."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if scaler is None:
-        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
         optimizer.step()
         return True
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
     scale = scaler.get_scale()
-    scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return scaler.get_scale() >= scale  # the scale only falls when the step was skipped
+    return scaler.get_scale() >= scale
 
 
 def batch_loss(
@@ -118,11 +155,30 @@ def batch_loss(
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: cross-entropy, optionally class-weighted; a weighted "mean" is the weighted sum
-    over the batch's image count (see `train_one_epoch` for why not over the sum of the weights)."""
+    over the batch's image count (see `train_one_epoch` for why not over the sum of the weights). Soft targets (N, C)
+    (mixup/cutmix, label smoothing already folded in) take the soft-target cross-entropy, weighted alike."""
+    if y.ndim == 2:
+        return soft_target_cross_entropy(logits, y, class_weights, reduction)
     if class_weights is None:
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
     total = F.cross_entropy(logits, y, weight=class_weights, label_smoothing=label_smoothing, reduction="sum")
     return total / len(y) if reduction == "mean" else total
+
+
+def accumulation_group(step: int, accum_steps: int, steps: int) -> tuple[int, int]:
+    """(first, last) batch of the update that batch `step` belongs to: groups of `accum_steps` from the epoch's
+    start, the last one shorter when the epoch's batches do not divide."""
+    first = step - step % accum_steps
+    return first, min(first + accum_steps, steps) - 1
+
+
+def _share(loader: Any, step: int, group: tuple[int, int], reduction: str) -> float:
+    """Batch `step`'s share of its update's loss: its images over the group's (a mean over all the group's images,
+    the K-times larger batch's); 1 with the sum reduction."""
+    if reduction == "sum" or group[0] == group[1]:
+        return 1.0
+    sizes = [loader.global_batch_size(s) for s in range(group[0], group[1] + 1)]
+    return sizes[step - group[0]] / sum(sizes)
 
 
 def train_one_epoch(
@@ -144,13 +200,20 @@ def train_one_epoch(
     loss_weight: Callable[[int, int], float] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     class_weights: torch.Tensor | None = None,
+    accum_steps: int = 1,
+    clip_grad: float = 0.0,
+    set_mode: Callable[[nn.Module], None] | None = None,
 ) -> tuple[EpochTotals, int]:
-    """Train over one epoch's batches from `start_step`; returns the epoch's totals and the next step to run.
+    """Train over one epoch's batches from `start_step`; returns the epoch's totals and the next batch to run.
 
-    `on_step(step, totals)` is called after every optimizer step; if it returns True the epoch stops early (an
-    interrupt), and the returned step is where a resumed run continues. `loss_weight(step, n)` scales the loss of a
+    Every `accum_steps` batches make one optimizer update (gradients accumulated, each batch's mean loss weighted by
+    its share of the group's images: the update of the K-times larger batch; under DDP the batches before the last
+    of a group skip the all-reduce). The LR schedule counts updates. `on_step(step, totals)` is called after every
+    update; if it returns True the epoch stops there (an interrupt, always between updates, so a resumed run
+    continues exactly), and the returned step is where it continues. `loss_weight(step, n)` scales the loss of a
     batch of n images before backward (distributed shards; see cifar_cnn.distributed). `scaler` (fp16) scales the
-    loss for backward and skips steps whose gradients overflowed.
+    loss for backward and skips updates whose gradients overflowed; `clip_grad` clips the gradients' global norm.
+    `set_mode(model)` puts the model in training mode (default `model.train()`; a frozen body stays in eval mode).
 
     `class_weights` (see `loss_weights`) weights each image's cross-entropy by its class's weight. With the mean
     reduction the weighted sum is divided by the batch's image count, not by the sum of its weights (PyTorch's
@@ -158,12 +221,16 @@ def train_one_epoch(
     process run, and as the weights average 1 over the training set the loss keeps its scale (and is an unbiased
     estimate of the weighted loss of the whole set). The epoch's reported training loss is then this weighted loss.
     """
-    model.train()
+    (set_mode or nn.Module.train)(model)
     totals = totals or EpochTotals()
-    steps_per_epoch = len(loader)
+    steps = len(loader)
+    updates = updates_per_epoch(steps, accum_steps)
     for step, x, y in loader.batches(epoch, start_step):
-        global_step = epoch * steps_per_epoch + step
-        set_lrs(optimizer, peak_lrs, global_step, lr_fn(global_step))
+        group = accumulation_group(step, accum_steps, steps)
+        if step == group[0] or step == start_step:
+            update = epoch * updates + step // accum_steps
+            set_lrs(optimizer, peak_lrs, update, lr_fn(update))
+            optimizer.zero_grad(set_to_none=True)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -175,10 +242,17 @@ def train_one_epoch(
                 f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                 "training diverged: lower the learning rate (--lr) and train again"
             )
-        backward_and_step(optimizer, loss * loss_weight(step, len(y)) if loss_weight is not None else loss, scaler)
+        weight = _share(loader, step, group, loss_reduction) * (loss_weight(step, len(y)) if loss_weight else 1.0)
+        last = step == group[1]
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            backward(loss * weight if weight != 1.0 else loss, scaler)
+        hard = y.argmax(1) if y.ndim == 2 else y  # mixed targets: the larger share's class
         totals.loss_sum += loss.item() * (len(y) if loss_reduction == "mean" else 1)
-        totals.correct += int((logits.argmax(1) == y).sum().item())
+        totals.correct += int((logits.argmax(1) == hard).sum().item())
         totals.seen += len(y)
+        if not last:
+            continue
+        apply_update(optimizer, scaler, clip_grad)
         if on_step is not None and on_step(step, totals):
             return totals, step + 1
-    return totals, steps_per_epoch
+    return totals, steps

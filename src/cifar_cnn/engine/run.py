@@ -38,7 +38,7 @@ from ..rundir import (
 )
 from .checkpointer import Checkpointer
 from .loop import DivergenceError, batch_loss, train_one_epoch
-from .state import RunState, build_run_state
+from .state import RunState, build_run_state, enter_phase
 
 Probe = Callable[[nn.Module, int, int], None]
 
@@ -126,6 +126,7 @@ def validate_epoch(state: RunState, epoch: int, paths: RunPaths) -> tuple[float 
         device=state.device,
         precision=state.precision,
         channels_last=state.channels_last,
+        size=state.data.input_size,
     )
     labels = torch.from_numpy(np.asarray(splits.val_labels))
     weights = state.class_weights.cpu() if state.class_weights is not None else None
@@ -170,6 +171,7 @@ def fit(
         hooks.epoch = epoch
         if hooks.progress is not None:
             hooks.progress.epoch_start(epoch, config.epochs, state.steps_per_epoch, state.start_step, config.batch_size)
+        enter_phase(state, epoch, log)
         totals, next_step = train_one_epoch(
             state.train_model,
             state.loader,
@@ -188,6 +190,9 @@ def fit(
             on_step=hooks.after_step,
             loss_weight=dist.loss_weight(state.loader, config.loss_reduction),
             scaler=state.scaler,
+            accum_steps=config.accum_steps,
+            clip_grad=config.clip_grad,
+            set_mode=state.set_mode,
         )
         state.start_step, state.totals = 0, None
         if dist.active:  # the epoch's totals over all ranks
@@ -204,6 +209,8 @@ def fit(
         if not dist.is_main:  # rank 0 validates and writes; the others go on to the next epoch's all-reduce
             if hooks.stop_requested():
                 return True
+            if config.patience and dist.any(False):  # rank 0 says whether patience ran out
+                return False
             continue
         val_loss, val_acc = validate_epoch(state, epoch, paths)
         row: dict[str, Any] = {
@@ -212,7 +219,7 @@ def fit(
             "train_acc": totals.accuracy,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": state.optimizer.param_groups[0]["lr"],
+            "lr": next((g["lr"] for g in state.optimizer.param_groups if g["lr"] > 0), 0.0),  # frozen body: head's
             "seconds": round(time.perf_counter() - t0, 3),
         }
         state.history.append(row)
@@ -227,7 +234,25 @@ def fit(
         if hooks.stop_requested():
             log(f"interrupted after epoch {epoch + 1}; resume with: {resume_hint(paths)}")
             return True
+        if config.patience and dist.any(epochs_since_best(state.history) >= config.patience):
+            best = len(state.history) - epochs_since_best(state.history)
+            log(
+                f"early stop after epoch {epoch + 1}: the validation loss has not improved for {config.patience} "
+                f"epochs (patience); best.pt holds epoch {best}"
+            )
+            state.stopped_early = epoch + 1
+            return False
     return False
+
+
+def epochs_since_best(history: list[dict[str, Any]]) -> int:
+    """Epochs since the lowest validation loss of `history` (0: the last epoch is the best; ties keep the earlier
+    epoch, as best.pt does). Computed from the history alone, so a resumed run counts on exactly."""
+    losses = [row["val_loss"] for row in history if row.get("val_loss") is not None]
+    if not losses:
+        return 0
+    best = min(range(len(losses)), key=lambda i: (losses[i], i))
+    return len(losses) - 1 - best
 
 
 def start_run_json(
@@ -347,6 +372,8 @@ def train(
     result = TrainResult(str(paths.root), interrupted, state.history)
     if state.data.skipped:
         result.extra["skipped_images"] = len(state.data.skipped)
+    if state.stopped_early:
+        result.extra["stopped_early_after_epoch"] = state.stopped_early
     if not dist.is_main:
         dist.finish()
         return result

@@ -82,10 +82,42 @@ class RunState:
     start_step: int = 0  # steps of the next epoch already done (a checkpoint saved inside an epoch)
     totals: EpochTotals | None = None  # that epoch's running totals
     best_val_loss: float = math.inf
+    body_frozen: bool = False  # inside the first freeze_epochs: only the head trains (see enter_phase)
+    stopped_early: int = 0  # the epoch after which patience stopped the run (0: it did not)
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.loader)
+
+    def set_mode(self, model: nn.Module) -> None:
+        """Training mode for an epoch (a frozen body stays in eval mode: see transfer.train_mode)."""
+        if self.body_frozen:
+            transfer.train_mode(model, transfer.check_head(self.model, self.config.model), frozen=True)
+        else:
+            model.train()
+
+
+def enter_phase(state: RunState, epoch: int, log: Callable[[str], None]) -> None:
+    """Freeze the body for the first `freeze_epochs` epochs and unfreeze it after (also right when a resumed run
+    starts). The training module is wrapped again when the set of trained parameters changes: DDP registers the
+    parameters that need gradients when it wraps a model, and a compiled model was traced with the old ones."""
+    frozen = epoch < state.config.freeze_epochs
+    if frozen == state.body_frozen:
+        return
+    transfer.set_body_frozen(state.model, transfer.check_head(state.model, state.config.model), frozen)
+    state.body_frozen = frozen
+    state.train_model = training_module(state.model, state.config, state.dist, state.device)
+    if frozen:
+        n = state.config.freeze_epochs
+        log(f"the first {n} epoch{'s' * (n > 1)}: training the head alone (the body is frozen, in eval mode)")
+    else:
+        log(f"epoch {epoch + 1}: the whole network trains from here (the body's LR warms up again)")
+
+
+def training_module(model: nn.Module, config: TrainConfig, dist: DistContext, device: torch.device) -> nn.Module:
+    """What runs the training steps: the model, DDP-wrapped under torchrun, compiled with config.compile."""
+    wrapped = dist.wrap(model, device)
+    return torch.compile(wrapped) if config.compile else wrapped
 
 
 DATA_KEYS = ("label_set", "test_split")  # config keys that shape the data: fixed for a run's life
@@ -142,11 +174,19 @@ def build_loader(config: TrainConfig, data: RunData, precision: str, device: tor
     this rank's shard of every global batch."""
     images, labels = data.splits.train_images, data.splits.train_labels
     common = dict(
-        shuffle=True, sampler=config.sampler, drop_last=config.drop_last, augment=augment_of(config), seed=config.seed
+        shuffle=True,
+        sampler=config.sampler,
+        drop_last=config.drop_last,
+        augment=augment_of(config),
+        seed=config.seed,
+        size=data.input_size,
+        num_classes=len(data.splits.classes),
     )
     if isinstance(images, np.ndarray) and config.crop_scale is None:
         train_x = normalize_split(images, data.mean, data.std, compute_dtype(precision), device)
-        loader: TensorLoader = TensorLoader(train_x, torch.from_numpy(labels).to(device), config.batch_size, **common)
+        loader: TensorLoader = TensorLoader(
+            train_x, torch.from_numpy(labels).to(device), config.batch_size, mean=data.mean, std=data.std, **common
+        )
     else:
         if isinstance(images, np.ndarray):  # in memory at the training size, but cropped per step
             images = ImageSet.of_array(images)
@@ -164,12 +204,31 @@ def build_loader(config: TrainConfig, data: RunData, precision: str, device: tor
         )
     if len(loader) == 0:
         raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(labels)} training images")
+    if config.accum_steps > len(loader):
+        raise CifarCnnError(
+            f"accum_steps {config.accum_steps} is more than the {len(loader)} batches of an epoch ({len(labels)} "
+            f"training images, batch_size {config.batch_size}): lower --accum-steps to at most {len(loader)}"
+        )
     return dist.shard(loader)
 
 
 def augment_of(config: TrainConfig) -> Augment:
     """The training augmentation a config asks for (the one place that maps config fields to it)."""
-    return Augment(config.flip, config.translate, config.cutout, config.alternate_flip)
+    return Augment(
+        config.flip,
+        config.translate,
+        config.cutout,
+        config.alternate_flip,
+        auto_augment=config.auto_augment,
+        randaugment_ops=config.randaugment_ops,
+        randaugment_magnitude=config.randaugment_magnitude,
+        random_erasing=config.random_erasing,
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        mix_prob=config.mix_prob,
+        mix_switch_prob=config.mix_switch_prob,
+        label_smoothing=config.label_smoothing,
+    )
 
 
 def build_model(
@@ -254,7 +313,7 @@ def build_run_state(
     # an average of the weights (config.ema_decay) is what validation, best.pt and the test use; rank 0 keeps it
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 and dist.is_main else None
     optimizer = optimizer_for(model, config, len(loader))
-    train_model = dist.wrap(model, device)
+    train_model = training_module(model, config, dist, device)
     state = RunState(
         config=config,
         dist=dist,
@@ -264,7 +323,7 @@ def build_run_state(
         data=run_data,
         loader=loader,
         model=model,
-        train_model=torch.compile(train_model) if config.compile else train_model,
+        train_model=train_model,
         eval_model=ema.module if ema is not None else model,
         ema=ema,
         optimizer=optimizer,
