@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -36,6 +37,7 @@ class Env:
     tmp: Path
     official: Path  # a good official-format folder
     run: Path  # a finished run whose files must survive every bad command
+    monkeypatch: pytest.MonkeyPatch  # environment variables a case sets (undone after it)
 
     def official_with(self, name: str, blob: bytes) -> Path:
         """A copy of the good official folder with one file replaced."""
@@ -52,6 +54,11 @@ class Env:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(blob)
         return root
+
+    def offline(self, argv: list[str]) -> list[str]:
+        """`argv`, run with HF_HUB_OFFLINE=1 (undone after the test): the hub is never asked."""
+        self.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return argv
 
     def train_into_run(self, *args: str) -> list[str]:
         """A train command aimed at the finished run with --overwrite: bad input must be caught before it is touched."""
@@ -717,7 +724,98 @@ CASES: list[Case] = [
         lambda e: e.train_into_run("--data", str(e.official), "--crop-scale", "0", "1.5"),
         "crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1",
     ),
+    (
+        "hf-unknown-hub-id",
+        "pretrained",
+        "--model hf:ORG/NAME not in the hub cache, offline (HF_HUB_OFFLINE=1)",
+        lambda e: e.offline(e.train_into_run("--data", str(e.official), "--model", "hf:no-such-org/no-such-model")),
+        "is not in the Hugging Face cache",
+    ),
+    (
+        "hf-folder-without-model",
+        "pretrained",
+        "--model hf:DIR, a folder without config.json",
+        lambda e: e.train_into_run(
+            "--data", str(e.official), "--model", f"hf:{e.tree({'notes.txt': b'x'}, 'nomodel')}"
+        ),
+        "has no config.json, so it holds no model",
+    ),
+    (
+        "hf-not-an-image-classifier",
+        "pretrained",
+        "--model hf:DIR whose config.json is a text model (bert)",
+        lambda e: e.train_into_run("--data", str(e.official), "--model", f"hf:{hf_folder(e, {'model_type': 'bert'})}"),
+        "its config is a 'bert' model, not an image classifier",
+    ),
+    (
+        "hf-remote-code",
+        "pretrained",
+        "--model hf:DIR whose config.json needs the model's own code (auto_map)",
+        lambda e: e.train_into_run(
+            "--data",
+            str(e.official),
+            "--model",
+            f"hf:{hf_folder(e, {'model_type': 'resnet', 'auto_map': {'AutoModel': 'modeling_x.XModel'}})}",
+        ),
+        "trust_remote_code",
+    ),
+    (
+        "freeze-epochs-beyond-epochs",
+        "config",
+        "--freeze-epochs 3 with --epochs 1",
+        lambda e: e.train_into_run("--data", str(e.official), "--freeze-epochs", "3"),
+        "freeze_epochs 3 must be below epochs 1",
+    ),
+    (
+        "mixup-negative-alpha",
+        "config",
+        "--mixup-alpha -0.2",
+        lambda e: e.train_into_run("--data", str(e.official), "--mixup-alpha", "-0.2"),
+        "mixup_alpha must be >= 0, got -0.2",
+    ),
+    (
+        "cutmix-negative-alpha",
+        "config",
+        "--cutmix-alpha -1",
+        lambda e: e.train_into_run("--data", str(e.official), "--cutmix-alpha", "-1"),
+        "cutmix_alpha must be >= 0, got -1.0",
+    ),
+    (
+        "random-erasing-not-a-probability",
+        "config",
+        "--random-erasing 1.5",
+        lambda e: e.train_into_run("--data", str(e.official), "--random-erasing", "1.5"),
+        "random_erasing is a probability, in [0, 1], got 1.5",
+    ),
+    (
+        "mix-prob-not-a-probability",
+        "config",
+        "--mix-prob -0.1",
+        lambda e: e.train_into_run("--data", str(e.official), "--mixup-alpha", "0.2", "--mix-prob", "-0.1"),
+        "mix_prob is a probability, in [0, 1], got -0.1",
+    ),
+    (
+        "patience-without-validation",
+        "config",
+        "--patience 3 with --val-split 0",
+        lambda e: e.train_into_run("--data", str(e.official), "--patience", "3", "--val-split", "0"),
+        "patience needs a validation split",
+    ),
+    (
+        "accum-steps-above-steps-per-epoch",
+        "config",
+        "--accum-steps 1000 with 4 batches an epoch",
+        lambda e: e.train_into_run("--data", str(e.official), "--batch-size", "50", "--accum-steps", "1000"),
+        "accum_steps 1000 is more than the 4 batches of an epoch",
+    ),
 ]
+
+
+def hf_folder(e: Env, config: dict) -> Path:
+    """A save_pretrained-like folder holding only `config` as its config.json."""
+    return e.tree(
+        {"config.json": json.dumps(config).encode()}, f"hf_{hashlib.md5(json.dumps(config).encode()).hexdigest()[:8]}"
+    )
 
 
 MIB = 1024 * 1024  # the catalogue's server runs with --max-upload-mb 1
@@ -952,11 +1050,13 @@ def test_catalogue_is_large_and_unique() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path, finished_run, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input(
+    case: Case, tmp_path: Path, finished_run, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     official, run_dir = finished_run
     marker = Path("/tmp/cifar_cnn_bad_input_pwned")
     marker.unlink(missing_ok=True)
-    env = Env(tmp_path, official, run_dir)
+    env = Env(tmp_path, official, run_dir, monkeypatch)
     argv = case[3](env)
     before = snapshot(run_dir)
     with pytest.raises(SystemExit) as exc:  # argparse exits; our commands return
@@ -1013,7 +1113,9 @@ def write_catalogue_doc() -> None:
 
 
 def test_docs_table_is_current() -> None:
-    assert catalogue_markdown() in CATALOGUE_DOC.read_text(), "regenerate docs/bad-input.md: python -m tests.test_bad_input"
+    assert catalogue_markdown() in CATALOGUE_DOC.read_text(), (
+        "regenerate docs/bad-input.md: python -m tests.test_bad_input"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,17 @@ import torch
 
 from cifar_cnn import lr_find
 from cifar_cnn.errors import CifarCnnError
-from cifar_cnn.lr_find import LrFindResult, lr_find_figure, lr_schedule, run_lr_find, smooth, suggest_lr
+from cifar_cnn.lr_find import (
+    LR_FIND_FILES,
+    LrFindResult,
+    lr_find_figure,
+    lr_schedule,
+    run_lr_find,
+    smooth,
+    suggest_lr,
+)
 
+from .conftest import run_cli
 from .helpers import quiet, small_config
 
 # ---- lr_schedule --------------------------------------------------------------------------------------------------
@@ -225,6 +234,7 @@ def test_run_stops_at_a_loss_that_is_not_finite(
     if bad_step <= 5:
         with pytest.raises(CifarCnnError, match=r"blew up after 2 step\(s\).*lower --start-lr"):
             run_lr_find(small_config(batch_size=16), str(official_dir), out, steps=20, log=quiet)
+        assert not out.exists()  # nothing written
         return
     result = run_lr_find(small_config(batch_size=16), str(official_dir), out, steps=20, log=quiet)
     assert result.stopped_early and result.steps_run == bad_step - 1 == len(read_rows(out)) and len(calls) == bad_step
@@ -253,3 +263,31 @@ def test_run_refuses_a_file_as_out(tmp_path: Path, official_dir: Path) -> None:
     with pytest.raises(CifarCnnError, match="exists and is not a folder"):
         run_lr_find(small_config(), str(official_dir), out, steps=5, log=quiet)
     assert out.read_text() == "mine"
+
+
+def test_the_command_writes_the_plot_and_prints_the_suggestion(official_dir: Path, data_home: Path) -> None:
+    """`cifar-cnn lr-find` end to end in a fresh process, as a user runs it: --json gives the result, the files are
+    there, and the suggestion is one of the LRs it tried."""
+    out = official_dir.parent / "lrf"
+    done = run_cli(
+        "lr-find",
+        "--data",
+        str(official_dir),
+        "--batch-size",
+        "16",
+        "--steps",
+        "12",
+        "--start-lr",
+        "1e-4",
+        "--out",
+        str(out),
+        "--json",
+        "--threads",
+        "1",
+        env={"CIFAR_CNN_HOME": str(data_home)},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["suggestion"]["lr"] in result["lrs"]
+    assert all((out / name).is_file() for name in LR_FIND_FILES)
+    assert "suggested lr" in done.stderr

@@ -379,6 +379,59 @@ def _build_tune(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# lr-find
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .lr_find import run_lr_find
+
+    log = _logger(args.json)
+    config = resolve_config(args.recipe, args.config, _overrides(args))
+    result = run_lr_find(
+        config,
+        _data_or_cifar10(args, config),
+        args.out,
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        steps=args.steps,
+        divergence=args.divergence,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        _emit_json(result.to_dict())
+    return 0
+
+
+def _build_lr_find(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="LR range test: the loss against an exponentially rising LR, and a suggested LR",
+        formatter_class=_Formatter,
+        description="Train a throwaway copy of the configured model for up to --steps batches while the LR rises "
+        "exponentially from --start-lr to --end-lr (each parameter group keeps its LR factor), stopping once the "
+        "smoothed loss passes --divergence x its minimum. Suggests the LR where the smoothed loss falls fastest (and "
+        "the minimum's LR / 10). Writes OUT/lr_find.csv, OUT/lr_find.json and OUT/lr_find.png; nothing is saved to "
+        "a run.",
+    )
+    _common(p, data="cifar10", label_set=False)
+    p.add_argument("--out", default="runs/lr_find", metavar="DIR", help="where to write the plot and the figures")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML or TOML config file")
+    from .recipes import RECIPES
+
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="named preset (default: seed)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="LR of the first step")
+    p.add_argument("--end-lr", type=float, default=10.0, help="LR of the last step")
+    p.add_argument("--steps", type=int, default=100, help="steps (batches) at most")
+    p.add_argument(
+        "--divergence", type=float, default=4.0, help="stop when the smoothed loss passes this x its minimum"
+    )
+    _add_config_options(p)
+    p.set_defaults(func=cmd_lr_find)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # evaluate
 
 
@@ -823,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_show_data(sub)
     _build_small(sub)
     _build_bench(sub)
+    _build_lr_find(sub)
     _build_predict(sub)
     _build_export(sub)
     _build_serve(sub)

@@ -152,16 +152,19 @@ def check_arguments(start_lr: float, end_lr: float, steps: int, divergence: floa
         )
 
 
-def check_out(out: str | Path) -> Path:
-    """The output folder, created; a file in its place is refused."""
-    out = Path(out)
+def refuse_non_folder(out: Path) -> None:
+    """A file where the outputs' folder should be is an error (checked before the data is read)."""
     if out.exists() and not out.is_dir():
         raise CifarCnnError(f"--out {out}: exists and is not a folder")
+
+
+def make_folder(out: Path) -> None:
+    """Create the outputs' folder (once the sweep has run, so bad input leaves nothing behind)."""
+    refuse_non_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CifarCnnError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    return out
 
 
 def endless_batches(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -274,7 +277,8 @@ def plot_lr_find(result: LrFindResult, path: str | Path) -> None:
 
 
 def write_outputs(out: Path, result: LrFindResult, settings: dict[str, Any]) -> None:
-    """lr_find.csv, lr_find.json (the result and `settings`) and lr_find.png into `out`, each atomically."""
+    """lr_find.csv, lr_find.json (the result and `settings`) and lr_find.png into `out` (created), each atomically."""
+    make_folder(out)
     atomic_write_text(out / CSV_NAME, csv_text(result))
     atomic_write_text(out / JSON_NAME, json.dumps({**result.to_dict(), **settings}, indent=2) + "\n")
     plot_lr_find(result, out / PNG_NAME)
@@ -316,7 +320,8 @@ def run_lr_find(
     check_arguments(start_lr, end_lr, steps, divergence)
     if env_world_size() > 1:
         raise CifarCnnError("the LR range test runs in one process: start it without torchrun")
-    out = check_out(out)
+    out = Path(out)
+    refuse_non_folder(out)
     tune_allocator()
     set_threads(threads)
     state = build_run_state(config, data, DistContext(), home=home, threads=threads, log=log)

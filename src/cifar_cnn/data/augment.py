@@ -100,8 +100,8 @@ def _affine_nearest(img: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     a5 = _pillow_fixed(k[5] + k[3] * 0.5 + k[4] * 0.5)
     xs = torch.arange(w, device=img.device).view(1, 1, w)
     ys = torch.arange(h, device=img.device).view(1, h, 1)
-    sx = torch.div(a2 + ys * a1 + xs * a0, 65536, rounding_mode="floor")  # Pillow: xx >> 16
-    sy = torch.div(a5 + ys * a4 + xs * a3, 65536, rounding_mode="floor")
+    sx = (a2 + ys * a1 + xs * a0) >> 16  # an arithmetic shift: floor, for negative values too
+    sy = (a5 + ys * a4 + xs * a3) >> 16
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     index = sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)
     out = img.flatten(2).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
@@ -236,17 +236,25 @@ def solarize(img: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor
     return torch.where(img < t, img, 255.0 - img)
 
 
+def _apply_lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Map each value through its channel's table, lut (N * C, 256) int64, as Pillow's `Image.point` does."""
+    n, c, h, w = img.shape
+    values = img.to(torch.int64).reshape(n * c, h * w)
+    return lut.gather(1, values).view(n, c, h, w).to(img.dtype)
+
+
 def autocontrast(img: torch.Tensor, magnitude: torch.Tensor | float | None = None) -> torch.Tensor:
-    """`ImageOps.autocontrast` (no cutoff): each channel stretched from its own min..max to 0..255, with Pillow's
-    float64 steps int(v * scale + offset); a constant channel is left unchanged."""
-    v = img.double()
-    lo = v.amin(dim=(2, 3), keepdim=True)
-    hi = v.amax(dim=(2, 3), keepdim=True)
+    """`ImageOps.autocontrast` (no cutoff): each channel stretched from its own min..max to 0..255 through Pillow's
+    table int(v * scale + offset), in the same float64 steps; a constant channel is left unchanged."""
+    n, c = img.shape[:2]
+    lo = img.amin(dim=(2, 3)).double().view(n * c, 1)
+    hi = img.amax(dim=(2, 3)).double().view(n * c, 1)
     flat = hi <= lo
     scale = torch.full_like(lo, 255.0) / torch.where(flat, 1.0, hi - lo)  # not 255.0 / t: torch takes 1/t first
     offset = -lo * scale
-    stretched = torch.trunc(v * scale + offset).clamp_(0.0, 255.0)
-    return torch.where(flat, v, stretched).to(img.dtype)
+    ramp = torch.arange(256, device=img.device, dtype=torch.float64)
+    lut = torch.trunc(ramp * scale + offset).clamp_(0.0, 255.0).long()
+    return _apply_lut(img, torch.where(flat, ramp.long(), lut))
 
 
 def equalize(img: torch.Tensor, magnitude: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -254,14 +262,13 @@ def equalize(img: torch.Tensor, magnitude: torch.Tensor | float | None = None) -
     v maps to (step // 2 + pixels below v) // step, clipped at 255; a channel with step 0 is left unchanged."""
     n, c, h, w = img.shape
     values = img.to(torch.int64).reshape(n * c, h * w)
-    hist = torch.zeros(n * c, 256, dtype=torch.int64, device=img.device)
-    hist.scatter_add_(1, values, torch.ones_like(values))
+    offsets = 256 * torch.arange(n * c, device=img.device).view(-1, 1)
+    hist = torch.bincount((values + offsets).flatten(), minlength=256 * n * c).view(n * c, 256)
     last = hist.gather(1, values.amax(dim=1, keepdim=True))  # pixels holding the channel's highest value
     step = (h * w - last) // 255
     below = torch.cumsum(hist, dim=1) - hist
     lut = torch.div(step // 2 + below, step.clamp(min=1), rounding_mode="floor").clamp_(max=255)
-    lut = torch.where(step > 0, lut, torch.arange(256, device=img.device))
-    return lut.gather(1, values).view(n, c, h, w).to(img.dtype)
+    return _apply_lut(img, torch.where(step > 0, lut, torch.arange(256, device=img.device)))
 
 
 OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
