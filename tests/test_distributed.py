@@ -113,3 +113,22 @@ def test_two_processes_train_like_one_and_resume(tmp_path: Path, official_dir: P
     run = json.loads((ddp / "run.json").read_text())
     assert run["distributed"] == {"world_size": 2, "backend": "gloo"} and run["resumes"] == 1
     assert json.loads((ddp / "test_metrics.json").read_text())["num_images"] == 200
+
+
+def test_accumulation_freezing_and_mixing_under_torchrun_match_one_process(tmp_path: Path, official_dir: Path) -> None:
+    """2 ranks x 8 images per batch, 2 batches per update (DDP no_sync on the first), the body frozen in epoch 1 (the
+    DDP wrapper is rebuilt when it unfreezes), mixup and cutmix drawn on the global batch: the weights equal one
+    process's with the same settings."""
+    common = ["--data", str(official_dir), "--batch-size", "16", "--accum-steps", "2", "--subset", "200"]
+    common += ["--dropout", "0", "--lr", "0.05", "--momentum", "0.9", "--freeze-epochs", "1", "--epochs", "2"]
+    common += ["--mixup-alpha", "0.4", "--cutmix-alpha", "1.0", "--label-smoothing", "0.1", "--clip-grad", "5"]
+    common += ["--precision", "fp32", "--device", "cpu", "--threads", "1", "--no-progress", "--no-report"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = _torchrun("train", *common, "--out", str(ddp))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = run_cli("train", *common, "--out", str(single))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_checkpoint(ddp / "last.pt"), load_checkpoint(single / "last.pt")
+    for key, value in b["model_state"].items():
+        torch.testing.assert_close(a["model_state"][key], value, rtol=1e-4, atol=1e-5)
+    assert "training the head alone" in done.stdout and "the whole network trains" in done.stdout
