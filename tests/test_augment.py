@@ -218,6 +218,7 @@ TABLE_CASES = [
     ("randaugment", "rotate", {"magnitude": 9}, [9.0, -9.0]),  # 0..30 degrees over 31 bins
     ("randaugment", "translate_x", {"magnitude": 30}, [14, -14]),  # 150 / 331 * 32 = 14.5 px, whole pixels
     ("randaugment", "posterize", {"magnitude": 9}, [7]),  # round(8 - 9 / 7.5)
+    ("randaugment", "posterize", {"magnitude": 30}, [4]),  # 8..4 bits
     ("randaugment", "solarize", {"magnitude": 9}, [178.5]),  # 255 - 9 * 8.5
     ("randaugment", "brightness", {"magnitude": 30}, [1.9, 0.1]),  # 1 +- 0.9
     ("trivialaugment", "rotate", {}, [s * 4.5 * k for k in range(31) for s in (1, -1)]),  # 0..135 degrees
@@ -281,26 +282,29 @@ def test_random_erasing_with_p_zero_changes_nothing() -> None:
 def test_random_erasing_with_p_one_erases_one_rectangle_per_image() -> None:
     """Each image has exactly one changed rectangle; its area fraction lies in `scale` and its aspect in `ratio` up to
     the rounding of each side by at most half a pixel (timm rounds the sides); the fill is standard-normal noise."""
-    x = torch.randn(40, 3, 32, 32, generator=gen(0))
+    x = torch.randn(200, 3, 32, 32, generator=gen(0))
     scale, ratio = (0.02, 1 / 3), (0.3, 3.3)
     out = random_erasing(x, gen(2), p=1.0, scale=scale, ratio=ratio)
     assert torch.equal(out, random_erasing(x, gen(2), p=1.0, scale=scale, ratio=ratio))
-    noise, sizes = [], set()
+    noise, shapes = [], []
     for before, after in zip(x, out):
         changed = (after != before).any(0)
         rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
         assert len(rows) > 0, "an image was not erased"
-        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
         box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        h, w = len(rows), len(cols)
         assert changed.sum() == h * w and changed[box].all()  # a full rectangle, nothing outside it
         assert (after[:, box[0], box[1]] != before[:, box[0], box[1]]).all()  # every channel of it
         area = 32 * 32
         assert (h + 0.5) * (w + 0.5) >= scale[0] * area and (h - 0.5) * (w - 0.5) <= scale[1] * area
         assert (h + 0.5) / (w - 0.5) >= ratio[0] and (h - 0.5) / (w + 0.5) <= ratio[1]
         noise.append(after[:, box[0], box[1]].flatten())
-        sizes.add((h, w))
+        shapes.append((h, w))
     values = torch.cat(noise)
-    assert abs(values.mean()) < 0.05 and abs(values.std() - 1) < 0.05 and len(sizes) > 10
+    assert abs(values.mean()) < 0.05 and abs(values.std() - 1) < 0.05 and len(set(shapes)) > 20
+    # the aspect is log-uniform on (0.3, 3.3), symmetric about 1: tall and wide boxes about equally often
+    tall, wide = sum(h > w for h, w in shapes), sum(h < w for h, w in shapes)
+    assert 0.4 < tall / (tall + wide) < 0.6
 
 
 def test_random_erasing_skips_an_image_when_no_box_fits() -> None:
@@ -438,8 +442,9 @@ def test_soft_target_cross_entropy_equals_torchs_cross_entropy() -> None:
     torch.testing.assert_close(
         soft_target_cross_entropy(logits, smoothed), F.cross_entropy(logits, y, label_smoothing=0.1)
     )
-    half = soft_target_cross_entropy(logits.bfloat16(), onehot)
+    half = soft_target_cross_entropy(logits.bfloat16(), onehot)  # computed in float32 from the bf16 values
     assert half.dtype == torch.float32
+    torch.testing.assert_close(half, F.cross_entropy(logits.bfloat16().float(), y), rtol=1e-6, atol=1e-6)
     with pytest.raises(CifarCnnError, match="reduction"):
         soft_target_cross_entropy(logits, onehot, reduction="none")
 

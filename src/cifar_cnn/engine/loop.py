@@ -234,7 +234,10 @@ def train_one_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
+        last = step == group[1]
+        # DDP decides in the forward whether the backward all-reduces: both inside no_sync before a group's last batch
+        sync = contextlib.nullcontext if last or not hasattr(model, "no_sync") else model.no_sync
+        with sync(), autocast(device, precision):
             logits = model(x)
         loss = batch_loss(logits.float(), y, label_smoothing, loss_reduction, class_weights)
         if not torch.isfinite(loss):
@@ -243,8 +246,7 @@ def train_one_epoch(
                 "training diverged: lower the learning rate (--lr) and train again"
             )
         weight = _share(loader, step, group, loss_reduction) * (loss_weight(step, len(y)) if loss_weight else 1.0)
-        last = step == group[1]
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with sync():
             backward(loss * weight if weight != 1.0 else loss, scaler)
         hard = y.argmax(1) if y.ndim == 2 else y  # mixed targets: the larger share's class
         totals.loss_sum += loss.item() * (len(y) if loss_reduction == "mean" else 1)
