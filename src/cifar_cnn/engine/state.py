@@ -246,7 +246,8 @@ def build_model(
         config.model,
         num_classes=len(data.splits.classes),
         classes=data.splits.classes,
-        pretrained=config.pretrained and ckpt is None,  # a resumed run's weights come from its checkpoint
+        # a resumed run's weights come from its checkpoint, an --init-from run's from that one
+        pretrained=config.pretrained and ckpt is None and not config.init_from,
         record=model_record(ckpt),
         **config.model_args,
     )
