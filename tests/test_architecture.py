@@ -25,8 +25,8 @@ LAYERS: list[list[str]] = [
     # ground floor: facts and small tools every layer may use
     ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules"],
     # data: decoding, sources, cache, splits, the tensor pipeline
-    ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset", "data.augment"],
-    ["data.sources"],
+    ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset"],
+    ["data.sources", "data.augment"],
     ["data.store", "data.download", "data.pipeline"],
     ["data.catalog"],
     ["data.load", "data.stream"],

@@ -9,6 +9,7 @@ session, beside a distinctive preprocessor_config.json and a copy in huggingface
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image
 
 from cifar_cnn import evaluate_checkpoint, load_checkpoint, resolve_config, train
 from cifar_cnn.cli import main
-from cifar_cnn.models import create_model, hf
+from cifar_cnn.models import create_model, model_info
 from cifar_cnn.recipes import RECIPES
 
 from .conftest import CLASSES, make_images, run_cli, write_official_batches
@@ -104,8 +105,6 @@ def normalized(images: np.ndarray, mean: list[float], std: list[float]) -> torch
 
 def read_test_split(data: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split of an official-format folder, read with pickle (not through cifar-cnn's loaders)."""
-    import pickle
-
     batch = pickle.loads((data / "test_batch").read_bytes(), encoding="bytes")
     return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"])
 
@@ -129,10 +128,9 @@ def transformers_net(ckpt: dict) -> torch.nn.Module:
 
 
 def forget_files(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Delete a model folder, and forget what this process read of it (hf.locate keeps the files it read for the
-    life of a process), so that what follows runs as a fresh process would: from the checkpoint alone."""
+    """Delete a model folder, so that what follows runs from the checkpoint alone (hf.locate reads a folder each time
+    it is named; only hub ids are remembered for the life of a process)."""
     shutil.rmtree(folder)
-    monkeypatch.setattr(hf, "_SOURCES", {})
 
 
 def train_cli(data: Path, model: str, out: Path, *options: str) -> int:
@@ -157,6 +155,18 @@ def test_absolute_and_relative_folders_load_the_folders_weights(
     relative = create_model("hf:models/tiny-resnet", 10, classes=CLASSES, pretrained=True)
     assert_same_weights(body_of(relative.state_dict(), "net."), want)
     assert relative.hf_record["source"] == str(folder)
+
+
+def test_a_relative_folder_is_found_from_the_current_directory(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same relative name in two directories names two models (a notebook that changes directory)."""
+    for where, family in (("a", "resnet"), ("b", "convnext")):
+        shutil.copytree(tiny[family], tmp_path / where / "tiny")
+    monkeypatch.chdir(tmp_path / "a")
+    assert create_model("hf:tiny", 10, classes=CLASSES).hf_record["config"]["model_type"] == "resnet"
+    monkeypatch.chdir(tmp_path / "b")
+    assert create_model("hf:tiny", 10, classes=CLASSES).hf_record["config"]["model_type"] == "convnext"
 
 
 def test_hub_id_from_the_offline_cache_trains_from_the_cached_weights(tiny: dict[str, Path], tmp_path: Path):
@@ -209,8 +219,6 @@ def test_features_and_kept_head_equal_transformers_forward(tiny: dict[str, Path]
 
 
 def test_input_size_and_statistics_come_from_the_files(tiny: dict[str, Path], tmp_path: Path):
-    from cifar_cnn.models import model_info
-
     info = model_info(f"hf:{tiny['resnet']}")
     assert (info.input_size, info.mean, info.std, info.any_input_size) == (32, tuple(MEAN), tuple(STD), True)
     bare = shutil.copytree(tiny["resnet"], tmp_path / "bare")

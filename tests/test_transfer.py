@@ -15,7 +15,7 @@ from cifar_cnn.data.sources import Dataset
 from cifar_cnn.engine import optimizer_for
 from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.models import list_models
-from cifar_cnn.transfer import freeze_body, init_from_checkpoint, is_head
+from cifar_cnn.transfer import freeze_body, init_from_checkpoint, is_head, train_mode
 
 from .conftest import run_cli
 from .data_writers import write_image_folder
@@ -115,7 +115,9 @@ def test_freeze_and_learning_rate_groups() -> None:
     model = create_model("resnet18", num_classes=4, width=8)
     trainable = freeze_body(model, "fc")
     assert trainable == 8 * 8 * 4 + 4  # fc weight and bias only
-    assert all(m.momentum == 0.0 for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    train_mode(model, "fc", frozen=True)  # a frozen body runs in eval mode: batch norm keeps its running statistics
+    assert model.fc.training and model.training
+    assert not any(m.training for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     config = resolve_config(None, None, {"model": "resnet18", "lr": 0.1, "optimizer": "sgd"})
     opt = optimizer_for(model, config, 10)
     assert [len(g["params"]) for g in opt.param_groups] == [2]  # frozen parameters are not optimized
@@ -168,4 +170,4 @@ def test_fine_tuning_beats_training_from_scratch_on_few_images(tmp_path: Path) -
     after = load_checkpoint(out / "last.pt")["model_state"]
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("fc2."))
     bad = run_cli("train", "--data", str(fine), "--reset-head", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and "need init_from" in bad.stderr
+    assert bad.returncode == 2 and "needs init_from" in bad.stderr

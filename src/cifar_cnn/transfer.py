@@ -91,16 +91,11 @@ def init_from_checkpoint(
 
 
 def freeze_body(model: nn.Module, head: str) -> int:
-    """Stop training every parameter outside the head; returns how many parameters stay trainable.
-
-    Batch-norm layers of the body keep their running statistics (momentum 0): in training mode they still normalize
-    with the batch's statistics, but evaluation uses the pretrained ones unchanged.
-    """
+    """Stop training every parameter outside the head (freeze_backbone, for the whole run); returns how many
+    parameters stay trainable. The body then runs in eval mode (see `train_mode`): its batch norm keeps, and
+    normalizes with, the pretrained running statistics."""
     for name, p in model.named_parameters():
         p.requires_grad_(is_head(name, head))
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_head(name, head):
-            m.momentum = 0.0
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

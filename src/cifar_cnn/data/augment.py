@@ -21,6 +21,7 @@ import torch
 
 from ..choices import LOSS_REDUCTIONS, check_choice
 from ..errors import CifarCnnError
+from .preprocess import scaled_stats
 
 AUGMENT_OPS = (
     "identity",
@@ -46,11 +47,10 @@ _ERASE_ATTEMPTS = 10  # timm and torchvision try 10 boxes before giving up on an
 
 
 def _scaled_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """mean and std on the 0..255 scale as float32 (1, C, 1, 1), in the float32 steps of `preprocess.scaled_stats`, so
-    `from_pixels` gives bit for bit what `preprocess.normalize` gives."""
-    m = torch.tensor(mean, dtype=torch.float32, device=device) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=device) * 255.0
-    return m.view(1, -1, 1, 1), s.view(1, -1, 1, 1)
+    """`preprocess.scaled_stats` as tensors on `device`, so `from_pixels` gives bit for bit what `preprocess.normalize`
+    gives."""
+    m, s = scaled_stats(mean, std)
+    return torch.from_numpy(m).to(device), torch.from_numpy(s).to(device)
 
 
 def to_pixels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -101,6 +101,9 @@ def enter_phase(state: RunState, epoch: int, log: Callable[[str], None]) -> None
     """Freeze the body for the first `freeze_epochs` epochs and unfreeze it after (also right when a resumed run
     starts). The training module is wrapped again when the set of trained parameters changes: DDP registers the
     parameters that need gradients when it wraps a model, and a compiled model was traced with the old ones."""
+    if state.config.freeze_backbone:  # frozen for the whole run (transfer.prepare_model), before the optimizer
+        state.body_frozen = True
+        return
     frozen = epoch < state.config.freeze_epochs
     if frozen == state.body_frozen:
         return

@@ -93,8 +93,8 @@ def _snapshot(hub_id: str, patterns: list[str], name: str) -> Path:
         raise CifarCnnError(
             f"--model {name}: {hub_id!r} is not in the Hugging Face cache ({_cache_dir()}) and cannot be downloaded "
             f"{'(HF_HUB_OFFLINE is set)' if _offline() else '(no connection)'}; fill the cache on a machine online "
-            f"(`huggingface-cli download {hub_id}`, then copy the cache folder here) or point at a folder saved with "
-            "save_pretrained: --model hf:PATH"
+            f"(`hf download {hub_id}`, or `huggingface-cli download {hub_id}` with an older huggingface_hub; then "
+            "copy the cache folder here) or point at a folder saved with save_pretrained: --model hf:PATH"
         ) from None
     except (OSError, ValueError) as exc:
         raise CifarCnnError(f"--model {name}: could not fetch {hub_id!r} from the hub ({exc})") from None
@@ -119,16 +119,16 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
     return data
 
 
-_SOURCES: dict[str, HFSource] = {}
+_HUB_SOURCES: dict[str, HFSource] = {}  # hub ids already looked up in this process (a folder is read every time)
 
 
 def locate(name: str) -> HFSource:
-    """The files behind `hf:REF`: REF an existing folder (absolute or relative), else a hub id. Checked here: a
-    config.json that transformers builds as an image classifier without remote code."""
-    if name in _SOURCES:
-        return _SOURCES[name]
+    """The files behind `hf:REF`: REF an existing folder (absolute or relative to the working directory), else a hub
+    id. Checked here: a config.json that transformers builds as an image classifier without remote code."""
     ref = name[len(PREFIX) :]
     folder, hub_id = Path(ref).expanduser(), None
+    if not folder.is_dir() and name in _HUB_SOURCES:
+        return _HUB_SOURCES[name]
     if not folder.is_dir():
         if not _HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
             raise CifarCnnError(
@@ -147,7 +147,8 @@ def locate(name: str) -> HFSource:
     pre = folder / "preprocessor_config.json"
     preprocessor = _read_json(pre, name) if pre.is_file() else {}
     source = HFSource(name, folder, hub_id, config, preprocessor)
-    _SOURCES[name] = source
+    if hub_id is not None:
+        _HUB_SOURCES[name] = source
     return source
 
 
