@@ -121,7 +121,7 @@ def timed_train(cmd: list[str], out: Path, home: Path, timeout: float) -> dict[s
         for line in proc.stdout:
             line = line.rstrip()
             lines.append(line)
-            if line.startswith(("  epoch", "epoch", "decod", "data ")):
+            if line.lstrip().startswith(("epoch 1/1 ", "decod", "data ")):  # progress, not the config's echo
                 print(f"    {line}", flush=True)
             if EPOCH_LINE.match(line):
                 to_epoch_end = time.perf_counter() - t0

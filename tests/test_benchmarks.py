@@ -86,3 +86,22 @@ def test_before_after_tiny(tmp_path: Path, official_dir: Path) -> None:
     assert r["ratio_after_to_before_img_per_s"] == pytest.approx(
         r["median_img_per_s"]["after"] / r["median_img_per_s"]["before"]
     )
+
+
+@pytest.mark.slow
+def test_finetune_bench_tiny(tmp_path: Path, official_dir: Path) -> None:
+    """ResNet-50 at 224 px for one tiny epoch on the generated data (32 px images, upscaled on the tensor pipeline),
+    and a few timed inference batches."""
+    out = tmp_path / "ft.json"
+    run_script(
+        str(BENCHMARKS / "finetune_bench.py"),
+        *("--data", str(official_dir), "--subset", "10", "--batch-size", "10", "--repeats", "1"),
+        *("--infer-batch-size", "4", "--infer-batches", "1", "--threads", "1"),
+        *("--work", str(tmp_path / "work"), "--out", str(out)),
+        timeout=900,
+    )
+    r = json.loads(out.read_text())
+    assert r["parameters"] == 23_512_130 and r["image_size"] == 224 and r["subset"] == 10
+    (run,) = r["runs"]
+    assert run["train_images"] == 10 and run["epoch_seconds"] > 0 and run["img_per_s"] > 0
+    assert r["train_img_per_s"] == pytest.approx(run["img_per_s"]) and r["inference_img_per_s"] > 0

@@ -8,6 +8,7 @@ import argparse
 import pytest
 
 from cifar_cnn.choices import (
+    AUTO_AUGMENTS,
     CLASS_WEIGHTS,
     DEVICES,
     LABEL_SETS,
@@ -37,6 +38,7 @@ CONFIG_CHOICES = {
     "class_weights": CLASS_WEIGHTS,
     "sampler": SAMPLERS,
     "image_storage": STORAGE_MODES,
+    "auto_augment": AUTO_AUGMENTS,
 }
 
 
