@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/work/finetune-bench"), help="the data home lives here")
     p.add_argument("--out", type=Path, default=None, help="the JSON (default: WORK/finetune_bench.json)")
     args = p.parse_args(argv)
-    if not args.data.is_file():
-        raise SystemExit(f"--data {args.data}: no such file")
+    if not args.data.exists():
+        raise SystemExit(f"--data {args.data}: no such file or folder")
     if args.repeats < 1 or args.subset < 10 or args.batch_size < 1:
         raise SystemExit("--repeats must be >= 1, --subset >= 10 (one image per class) and --batch-size >= 1")
 

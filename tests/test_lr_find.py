@@ -159,13 +159,13 @@ def test_run_writes_the_curve_and_trains_every_group_at_its_share(
     """40 steps over 30 batches per epoch (480 training images, batch 16): the sweep goes on into a second epoch.
     Every parameter group steps at the schedule's LR times its factor (head_lr_factor 2 for the head)."""
     seen: list[list[float]] = []
-    real_step = lr_find.backward_and_step
+    real_update = lr_find.apply_update
 
-    def spy(optimizer: Any, loss: torch.Tensor, scaler: Any) -> bool:
+    def spy(optimizer: Any, scaler: Any, clip_grad: float = 0.0) -> bool:
         seen.append([g["lr"] for g in optimizer.param_groups])
-        return real_step(optimizer, loss, scaler)
+        return real_update(optimizer, scaler, clip_grad)
 
-    monkeypatch.setattr(lr_find, "backward_and_step", spy)
+    monkeypatch.setattr(lr_find, "apply_update", spy)
     config = small_config(batch_size=16, head_lr_factor=2.0)
     messages: list[str] = []
     out = tmp_path / "find"

@@ -212,6 +212,7 @@ def time_to_target(
             precision=precision,
             channels_last=config.channels_last and precision != "fp32",
             tta=config.tta,
+            size=presets.resolve_input_size(config),
         )["accuracy"]
         point = {"step": step, "images": step * config.batch_size, "seconds": t - started - paused, "accuracy": acc}
         curve.append(point)

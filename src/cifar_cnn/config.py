@@ -134,8 +134,9 @@ class TrainConfig:
     freeze_epochs: int = _f(
         0,
         "train the head alone for this many epochs (the body in eval mode: batch norm keeps its running statistics), "
-        "then everything, the body's LR warming up again over warmup_epochs (head LR: lr x head_lr_factor)",
+        "then everything, the body's LR warming up from 0 over unfreeze_warmup_epochs (head LR: lr x head_lr_factor)",
     )
+    unfreeze_warmup_epochs: float = _f(1.0, "with freeze_epochs: epochs over which the body's LR warms up after it")
     # training controls
     patience: int = _f(0, "stop when the validation loss has not improved for this many epochs (0: never)")
     clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value (0: off)")
@@ -311,7 +312,7 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.subset >= 0, "subset must be >= 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= c.ema_decay < 1, "ema_decay must be in [0, 1)"),
-        (c.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        (c.warmup_epochs >= 0 and c.unfreeze_warmup_epochs >= 0, "warmup epochs must be >= 0"),
         (c.translate >= 0 and c.cutout >= 0, "translate and cutout must be >= 0"),
         (c.step_epochs > 0, "step_epochs must be positive"),
         (0 <= c.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),

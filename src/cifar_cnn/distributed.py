@@ -228,8 +228,7 @@ class ShardedLoader:
         return self.loader.batch_size
 
     def global_batch_size(self, step: int) -> int:
-        n, b = len(self.loader.labels), self.loader.batch_size
-        return min(b, n - step * b)
+        return self.loader.global_batch_size(step)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for step, x, y in self.loader.batches(epoch, start):

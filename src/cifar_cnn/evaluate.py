@@ -106,6 +106,7 @@ def evaluate(
     tta: str = "none",
     channels_last: bool = False,
     log: Callable[[str], None] | None = None,
+    size: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` on a split: accuracy, top5_accuracy, loss, per-class accuracy and F1, confusion matrix."""
     logits = predict_logits(
@@ -118,6 +119,7 @@ def evaluate(
         precision=precision,
         tta=tta,
         channels_last=channels_last,
+        size=size,
     )
     result = classification_metrics(
         logits, to_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels, classes

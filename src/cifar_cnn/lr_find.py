@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import DataSource
 from .device import autocast, set_threads, tune_allocator
 from .distributed import DistContext, env_world_size
-from .engine.loop import backward_and_step, batch_loss
+from .engine.loop import apply_update, backward, batch_loss
 from .engine.state import RunState, build_run_state
 from .errors import CifarCnnError
 from .rundir import provenance
@@ -194,7 +194,9 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor) -> float:
     loss = batch_loss(logits.float(), y, config.label_smoothing, config.loss_reduction, state.class_weights)
     value = loss.item() / (len(y) if config.loss_reduction == "sum" else 1)
     if math.isfinite(value):
-        backward_and_step(state.optimizer, loss, state.scaler)
+        state.optimizer.zero_grad(set_to_none=True)
+        backward(loss, state.scaler)
+        apply_update(state.optimizer, state.scaler, config.clip_grad)
     return value
 
 
@@ -202,7 +204,7 @@ def sweep(state: RunState, schedule: Sequence[float], divergence: float) -> tupl
     """Train one step per LR of `schedule`; stop when the smoothed loss passes `divergence` x its lowest value (that
     step is kept: it shows the blow-up) or a loss is not finite (that step is not: it has no number to plot).
     Returns (lrs, raw losses, why it stopped early or '')."""
-    state.train_model.train()
+    state.set_mode(state.train_model)  # as training: a frozen body (freeze_backbone) stays in eval mode
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, math.inf
@@ -329,6 +331,11 @@ def run_lr_find(
         f"lr range test: up to {steps} steps of {config.batch_size} images, lr {start_lr:.1e} to {end_lr:.1e} "
         f"({config.model}, {config.optimizer}, {state.device}, {state.precision})"
     )
+    if config.accum_steps > 1 or config.freeze_epochs:
+        log(
+            "lr range test: one update per batch of batch_size (accum_steps ignored) with the whole network "
+            "trainable (freeze_epochs ignored; freeze_backbone is kept): the suggestion is for that setting"
+        )
     lrs, losses, reason = sweep(state, lr_schedule(start_lr, end_lr, steps), divergence)
     if len(lrs) < MIN_POINTS:
         raise CifarCnnError(

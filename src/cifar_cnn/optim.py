@@ -134,6 +134,10 @@ def build_optimizer(
         return cls(groups, lr=lr, betas=(momentum if momentum > 0 else 0.9, 0.999))
     if name == "muon":
         sgd = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-        muon = Muon([params[n] for n in params if n in filters], lr=muon_lr, momentum=muon_momentum)
-        return OptimizerSet([sgd, muon]) if filters else sgd
+        if not filters:
+            return sgd
+        muon = Muon(
+            [{"params": [params[n] for n in params if n in filters], **body}], lr=muon_lr, momentum=muon_momentum
+        )
+        return OptimizerSet([sgd, muon])
     raise ValueError(f"unknown optimizer {name!r}")

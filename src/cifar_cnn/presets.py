@@ -13,7 +13,7 @@ import torch
 from .config import TrainConfig
 from .data import CIFAR10_CLASSES
 from .errors import CifarCnnError
-from .models import model_info
+from .models import family_of, model_info
 from .recipes import RECIPES
 
 
@@ -66,7 +66,10 @@ def resolve_normalization(
     # set in a config file or on the command line (a recipe's mean/std is its default for CIFAR-10, not a choice)
     explicit = given != (None, None) and given != (preset.get("mean"), preset.get("std"))
     own_classes = tuple(classes) != tuple(CIFAR10_CLASSES)
-    if config.normalize == "dataset" or (config.normalize == "auto" and not explicit and own_classes):
+    pretrained = family_of(config.model) is not None  # keeps the statistics it was trained with (hf: models)
+    if config.normalize == "dataset" or (
+        config.normalize == "auto" and not explicit and own_classes and not pretrained
+    ):
         if len(train_images) == 0:
             raise CifarCnnError("normalize dataset: no training images to compute the statistics from")
         mean, std = channel_stats(train_images)

@@ -217,11 +217,14 @@ class TensorLoader:
     def prepared(
         self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, targets) of batch `step` of `epoch` as the model trains on them: augmented at the size they are
-        held at (flips, shifts, cutout, RandAugment/TrivialAugment), resized to the model's input, randomly erased,
-        then mixed (mixup/cutmix: the targets become soft, (N, classes)). Each stage draws from its own generator of
-        (seed, epoch, step), so a batch is rebuilt exactly on resume and under torchrun."""
+        """(images, targets) of batch `step` of `epoch` as the model trains on them: resized to the model's input when
+        held smaller (so pixel sizes of the options are the model's), augmented (flips, shifts, cutout,
+        RandAugment/TrivialAugment), randomly erased, then mixed (mixup/cutmix: the targets become soft, (N,
+        classes)). Each stage draws from its own generator of (seed, epoch, step), so a batch is rebuilt exactly on
+        resume and under torchrun."""
         aug = self.augment
+        if self.size is not None:
+            x = resize_batch(x, self.size)
         x = self.augmented(x, idx, epoch, step)
         if aug.auto_augment != "none":
             g = derived_generator(self.seed, epoch, step, 11, device=x.device)
@@ -229,8 +232,6 @@ class TensorLoader:
                 x = augment_ops.rand_augment(x, self.mean, self.std, g, aug.randaugment_ops, aug.randaugment_magnitude)
             else:
                 x = augment_ops.trivial_augment(x, self.mean, self.std, g)
-        if self.size is not None:
-            x = resize_batch(x, self.size)
         if aug.random_erasing > 0:
             x = augment_ops.random_erasing(
                 x, derived_generator(self.seed, epoch, step, 12, device=x.device), aug.random_erasing

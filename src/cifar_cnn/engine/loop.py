@@ -54,7 +54,7 @@ def optimizer_for(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -
         muon_momentum=config.muon_momentum,
         early_steps=round(config.early_params_epochs * updates),
         body_start=config.freeze_epochs * updates,
-        body_warmup=round(config.warmup_epochs * updates),
+        body_warmup=round(config.unfreeze_warmup_epochs * updates),
     )
 
 

@@ -19,7 +19,7 @@ from ..checkpoint import state_dict_mismatch
 from ..config import TrainConfig, apply, validate
 from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
 from ..data.dataset import ImageSet
-from ..data.pipeline import Augment, TensorLoader, normalize_split
+from ..data.pipeline import Augment, TensorLoader, normalize_split, resize_batch
 from ..data.stream import StreamLoader
 from ..device import compute_dtype, resolve_device, resolve_precision
 from ..distributed import DistContext
@@ -90,11 +90,11 @@ class RunState:
         return len(self.loader)
 
     def set_mode(self, model: nn.Module) -> None:
-        """Training mode for an epoch (a frozen body stays in eval mode: see transfer.train_mode)."""
+        """Training mode for an epoch of `model` (the training module: DDP-wrapped or compiled); a frozen body stays
+        in eval mode (see transfer.train_mode), set on the bare model, whose module names the head's name matches."""
+        model.train()
         if self.body_frozen:
-            transfer.train_mode(model, transfer.check_head(self.model, self.config.model), frozen=True)
-        else:
-            model.train()
+            transfer.train_mode(self.model, transfer.check_head(self.model, self.config.model), frozen=True)
 
 
 def enter_phase(state: RunState, epoch: int, log: Callable[[str], None]) -> None:
@@ -114,7 +114,10 @@ def enter_phase(state: RunState, epoch: int, log: Callable[[str], None]) -> None
         n = state.config.freeze_epochs
         log(f"the first {n} epoch{'s' * (n > 1)}: training the head alone (the body is frozen, in eval mode)")
     else:
-        log(f"epoch {epoch + 1}: the whole network trains from here (the body's LR warms up again)")
+        log(
+            f"epoch {epoch + 1}: the whole network trains from here (the body's LR warms up over "
+            f"{state.config.unfreeze_warmup_epochs:g} epochs)"
+        )
 
 
 def training_module(model: nn.Module, config: TrainConfig, dist: DistContext, device: torch.device) -> nn.Module:
@@ -263,6 +266,8 @@ def build_model(
             ) from None
     elif hasattr(model, "init_from_data"):  # e.g. airbench's whitening layer, computed from training images
         model.init_from_data(sample().float().cpu())
+    if hasattr(model, "check_input_size"):  # hf: models of a fixed size refuse others here, before the run starts
+        model.check_input_size(data.input_size)
     transferred = transfer.prepare_model(model, config, data.splits.classes, load_weights=ckpt is None, log=log)
     return model, transferred
 
@@ -348,4 +353,5 @@ def build_run_state(
 def _images_of(loader: Any, n: int = 5000) -> torch.Tensor:
     """The first n normalized training images behind a loader (or behind the loader a distributed shard wraps)."""
     inner = getattr(loader, "loader", loader)
-    return inner.sample(n) if isinstance(inner, StreamLoader) else inner.images[:n]
+    x = inner.sample(n) if isinstance(inner, StreamLoader) else inner.images[:n]
+    return resize_batch(x, inner.size) if inner.size is not None else x

@@ -30,7 +30,9 @@ EXTRA = "pip install 'cifar-cnn[pretrained]'"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what transformers' image processors default to (IMAGENET_DEFAULT_MEAN/STD)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # transformers with position embeddings of a fixed grid: they take only the image size they were built for
-FIXED_SIZE_TYPES = frozenset({"vit", "deit", "beit", "data2vec-vision", "vit_msn", "levit", "swin", "swinv2", "pvt"})
+FIXED_SIZE_TYPES = frozenset(
+    {"vit", "deit", "beit", "data2vec-vision", "vit_msn", "levit", "swin", "swinv2", "pvt", "ijepa", "hiera"}
+)
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -79,11 +81,16 @@ def _snapshot(hub_id: str, patterns: list[str], name: str) -> Path:
     or found there when offline. One-line errors say how to fill the cache or point at a folder."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise CifarCnnError(f"--model {name} needs huggingface_hub: {EXTRA}") from None
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=_offline()))
+    except GatedRepoError:  # a kind of RepositoryNotFoundError: it exists, but asks who downloads it
+        raise CifarCnnError(
+            f"--model {name}: {hub_id!r} is a gated model: accept its terms on the hub and log in (`hf auth login`, or "
+            "set HF_TOKEN), or point at a folder saved with save_pretrained: --model hf:PATH"
+        ) from None
     except RepositoryNotFoundError:
         raise CifarCnnError(
             f"--model {name}: no such model on the Hugging Face hub ({hub_id!r}), and no folder {hub_id!r} here; "
@@ -171,8 +178,10 @@ def check_config(config: dict[str, Any], name: str) -> None:
 
 
 def input_size_of(config: dict[str, Any], preprocessor: dict[str, Any]) -> int:
-    """The model's own input side: the preprocessor's crop or resize size, else the config's image_size, else 224."""
-    for key in ("crop_size", "size"):
+    """The model's own input side: the preprocessor's crop (when it crops) or resize size, else the config's (or its
+    vision tower's) image_size, else 224."""
+    crops = preprocessor.get("do_center_crop", True) is not False
+    for key in ("crop_size", "size") if crops else ("size",):
         size = preprocessor.get(key)
         if isinstance(size, int):
             return size
@@ -180,7 +189,7 @@ def input_size_of(config: dict[str, Any], preprocessor: dict[str, Any]) -> int:
             for k in ("height", "shortest_edge", "width"):
                 if isinstance(size.get(k), int):
                     return int(size[k])
-    size = config.get("image_size")
+    size = config.get("image_size", (config.get("vision_config") or {}).get("image_size"))
     if isinstance(size, (list, tuple)):
         size = size[0]
     return int(size) if isinstance(size, int) else 224
@@ -189,8 +198,11 @@ def input_size_of(config: dict[str, Any], preprocessor: dict[str, Any]) -> int:
 def info_of(name: str, record: dict[str, Any] | None = None) -> ModelInfo:
     """Registry facts of an hf: model, from its files or from a checkpoint's record of them."""
     config, preprocessor = (record["config"], record["preprocessor"]) if record else _files(name)
-    mean = tuple(float(v) for v in preprocessor.get("image_mean", IMAGENET_MEAN))
-    std = tuple(float(v) for v in preprocessor.get("image_std", IMAGENET_STD))
+    if preprocessor.get("do_normalize", True) is False:  # the model takes pixels scaled to 0..1 as they are
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean = tuple(float(v) for v in preprocessor.get("image_mean", IMAGENET_MEAN))
+        std = tuple(float(v) for v in preprocessor.get("image_std", IMAGENET_STD))
     kind = config.get("model_type", "?")
     return ModelInfo(
         name,
@@ -199,7 +211,7 @@ def info_of(name: str, record: dict[str, Any] | None = None) -> ModelInfo:
         mean,  # type: ignore[arg-type]
         std,  # type: ignore[arg-type]
         f"Hugging Face {kind} ({config.get('_name_or_path') or name[len(PREFIX) :]})",
-        any_input_size=kind not in FIXED_SIZE_TYPES,
+        any_input_size=kind not in FIXED_SIZE_TYPES and "vision_config" not in config,
     )
 
 
@@ -221,6 +233,23 @@ class HFClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values=x).logits
+
+    @torch.no_grad()
+    def check_input_size(self, size: int) -> None:
+        """One image of `size` through the network (eval mode), so a model that takes only other sizes is refused in
+        one line before a run starts, not with a traceback at its first step."""
+        was_training = self.training
+        self.eval()
+        try:
+            self(torch.zeros(1, 3, size, size))
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CifarCnnError(
+                f"--model {self.hf_record.get('source', 'hf:...')}: it does not take {size} px images ({first}); "
+                "use its own size (drop --image-size) or a model that takes any size"
+            ) from None
+        finally:
+            self.train(was_training)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the classifier head for images x, flattened to (N, features)."""
@@ -300,6 +329,12 @@ def _load_pretrained(net: nn.Module, source: HFSource, keep_head: bool) -> None:
         if not any((folder / f).is_file() for f in WEIGHT_FILES):
             folder = _snapshot(source.hub_id, ["*.json", "*.bin"], source.name)
     assert folder is not None
+    if source.hub_id is not None and _offline() and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise CifarCnnError(
+            f"--model {source.name}: the Hugging Face cache holds {source.hub_id!r}'s config but not its weights "
+            f"(HF_HUB_OFFLINE is set); fill the cache on a machine online (`hf download {source.hub_id}`), or train "
+            "from scratch with --no-pretrained"
+        )
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise CifarCnnError(
             f"--model {source.name}: {folder} holds no PyTorch weights ({' or '.join(WEIGHT_FILES[::2])}); "
@@ -313,7 +348,7 @@ def _load_pretrained(net: nn.Module, source: HFSource, keep_head: bool) -> None:
         raise CifarCnnError(f"--model {source.name}: could not read its weights ({str(exc).splitlines()[0]})") from None
     state = {k: v for k, v in trained.state_dict().items() if keep_head or not _in_head(k)}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if keep_head or not _in_head(k)]
+    missing = [k for k in missing if keep_head or not _in_head(k)]  # a kept head must come with the weights too
     if missing or unexpected:
         raise CifarCnnError(
             f"--model {source.name}: its weights do not fit its config (missing {missing[:3]}, unexpected "
