@@ -127,7 +127,7 @@ def transformers_net(ckpt: dict) -> torch.nn.Module:
     return net.eval()
 
 
-def forget_files(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def forget_files(folder: Path) -> None:
     """Delete a model folder, so that what follows runs from the checkpoint alone (hf.locate reads a folder each time
     it is named; only hub ids are remembered for the life of a process)."""
     shutil.rmtree(folder)
@@ -171,7 +171,7 @@ def test_a_relative_folder_is_found_from_the_current_directory(
 
 def test_hub_id_from_the_offline_cache_trains_from_the_cached_weights(tiny: dict[str, Path], tmp_path: Path):
     """hf:org/tiny with HF_HUB_OFFLINE=1 and HF_HUB_CACHE (read when huggingface_hub is imported: a subprocess). The
-    body is frozen (no gradients, batch-norm momentum 0), so best.pt's body must be exactly the cached weights, running
+    body is frozen (no gradients, in eval mode), so best.pt's body must be exactly the cached weights, running
     statistics too."""
     out = tmp_path / "run"
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tiny["cache"])}
@@ -282,7 +282,7 @@ def test_train_resume_evaluate_export_predict_serve_without_the_model_files(
     stopped = load_checkpoint(part / "last.pt")
     assert stopped["epoch"] == 1 and 0 < stopped["batch_in_epoch"] < 10
 
-    forget_files(folder, monkeypatch)
+    forget_files(folder)
     best = straight / "best.pt"
     # serve: a fresh process, which never saw the model's files; it boots while the rest runs
     with ThreadPoolExecutor(1) as pool:
@@ -358,7 +358,7 @@ def test_no_pretrained_starts_from_scratch_and_resumes_without_the_files(
     convs = [k for k in want if k.endswith("convolution.weight")]
     assert len(convs) >= 4 and all(not torch.allclose(got[k], want[k], atol=1e-3) for k in convs)
 
-    forget_files(folder, monkeypatch)
+    forget_files(folder)
     assert main(["train", "--resume", str(out / "last.pt"), "--epochs", "2", *QUICK]) == 0
     resumed = load_checkpoint(out / "last.pt")
     assert resumed["epoch"] == 2 and resumed["config"]["pretrained"] is False

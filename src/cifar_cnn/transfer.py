@@ -94,8 +94,7 @@ def freeze_body(model: nn.Module, head: str) -> int:
     """Stop training every parameter outside the head (freeze_backbone, for the whole run); returns how many
     parameters stay trainable. The body then runs in eval mode (see `train_mode`): its batch norm keeps, and
     normalizes with, the pretrained running statistics."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_head(name, head))
+    set_body_frozen(model, head, frozen=True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

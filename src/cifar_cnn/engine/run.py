@@ -166,6 +166,9 @@ def fit(
 ) -> bool:
     """Train from the state's position to its last epoch; returns True when a stop request interrupted it."""
     config, dist, paths = state.config, state.dist, checkpointer.paths
+    if config.patience and state.history and epochs_since_best(state.history) >= config.patience:
+        log(f"the run had stopped early (patience {config.patience}); raise --patience to train on")
+        return False
     for epoch in range(state.start_epoch, config.epochs):
         t0 = time.perf_counter()
         hooks.epoch = epoch
