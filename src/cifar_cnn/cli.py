@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,35 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], Any]:
+    """An argparse type: a `kind` number, finite, in [low, high] (high None: no upper bound), else a usage error
+    naming the range."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            bound = f"between {low:g} and {high:g}" if high is not None else f"of at least {low:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what or 'a number'} {bound}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded(int, 1, what="a whole number")
+_port = _bounded(int, 0, 65535, what="a TCP port")
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds 0,1,2: whole numbers from 0 to 2**32 - 1."""
+    try:
+        return [_bounded(int, 0, 2**32 - 1, "a seed")(s.strip()) for s in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: {exc}") from None
 
 
 def _logger(json_mode: bool) -> Callable[[str], None]:
@@ -162,7 +192,7 @@ def _inference_options(
             help="test-time augmentation (default: the checkpoint's)",
         )
     if batch_size is not None:
-        parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
+        parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images per forward pass")
     parser.add_argument("--device", default=device, help=f"{', '.join(DEVICES)} (or cuda:N)")
     if precision:
         parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="numeric precision")
@@ -423,7 +453,7 @@ def _build_lr_find(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=None, choices=list(RECIPES), help="named preset (default: seed)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="LR of the first step")
     p.add_argument("--end-lr", type=float, default=10.0, help="LR of the last step")
-    p.add_argument("--steps", type=int, default=100, help="steps (batches) at most")
+    p.add_argument("--steps", type=_positive_int, default=100, help="steps (batches) at most")
     p.add_argument(
         "--divergence", type=float, default=4.0, help="stop when the smoothed loss passes this x its minimum"
     )
@@ -755,7 +785,12 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="the exported model file")
     p.add_argument("--num-images", type=int, default=1000, help="test images compared")
-    p.add_argument("--tolerance", type=float, default=EXPORT_TOLERANCE, help="largest allowed abs logit difference")
+    p.add_argument(
+        "--tolerance",
+        type=_bounded(float, 0.0, what="a tolerance"),
+        default=EXPORT_TOLERANCE,
+        help="largest allowed abs logit difference",
+    )
     _common(p, data="test images for the parity check: the data the checkpoint recorded, or run.json beside it")
     p.set_defaults(func=cmd_export)
 
@@ -790,9 +825,14 @@ def _build_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a .pt file written by train")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port")
     _inference_options(p, tta=True, batch_size=None, device="cpu", precision=False)
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    p.add_argument(
+        "--max-upload-mb",
+        type=_bounded(float, 0.001, what="a size in MB"),
+        default=10.0,
+        help="largest accepted upload",
+    )
     p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -807,7 +847,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(
         Path(args.out),
         recipes=args.recipes.split(","),
-        seeds=[int(s) for s in args.seeds.split(",")],
+        seeds=args.seeds,
         data=args.data,
         throughput_only=args.throughput_only,
         to_target=args.to_target,
@@ -838,7 +878,7 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--data", default=None, metavar="SOURCE", help="data for the time-to-accuracy runs")
     p.add_argument("--recipes", default="seed,quick,fast", help="comma-separated recipe names")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds for the time-to-accuracy runs")
+    p.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated seeds for the time-to-accuracy runs")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and bench.md go")
     p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
     p.add_argument(
@@ -856,7 +896,7 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a config value for every recipe but the seed baseline (repeatable), e.g. --set ema_decay=0.95",
     )
-    p.add_argument("--steps", type=int, default=5, help="timed steps per throughput measurement (median)")
+    p.add_argument("--steps", type=_positive_int, default=5, help="timed steps per throughput measurement (median)")
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} (or cuda:N)")
     p.set_defaults(func=cmd_bench)
 

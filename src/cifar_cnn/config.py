@@ -7,6 +7,7 @@ from this one place. Unknown keys and values of the wrong type are errors, never
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -297,9 +298,23 @@ def _model_args_for(config: TrainConfig, layer: dict[str, Any]) -> dict[str, Any
     return layer
 
 
+def _not_finite(c: TrainConfig) -> list[str]:
+    """The number fields (and list items) that are NaN or infinite, as `name=value`."""
+    out = []
+    for name, value in dataclasses.asdict(c).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            out.append(f"{name}={value}")
+    return out
+
+
 def validate(c: TrainConfig) -> TrainConfig:
     """Range checks that types alone cannot express."""
+    not_finite = _not_finite(c)
+    if not_finite:
+        raise CifarCnnError(f"invalid config: {', '.join(not_finite)[:200]}: every number must be finite")
     checks = [
+        (0 <= c.seed < 2**63, f"seed must be in 0..2**63-1, got {c.seed}"),
         (c.epochs >= 1, "epochs must be at least 1"),
         (c.batch_size >= 1, "batch_size must be at least 1"),
         (c.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
