@@ -880,6 +880,20 @@ CASES: list[Case] = [
         lambda e: ["bench", "--steps", "0"],
         "argument --steps: '0': expected a whole number of at least 1",
     ),
+    (
+        "ckpt-nan-weights",
+        "checkpoints",
+        "serve a checkpoint whose weights hold a NaN (it does not start)",
+        lambda e: ["serve", str(_nan_ckpt(e)), "--port", "0"],
+        "its weights hold NaN or infinite values (fc2.bias): the run diverged",
+    ),
+    (
+        "ckpt-state-not-tensors",
+        "checkpoints",
+        "predict with a checkpoint whose model_state is a list",
+        lambda e: ["predict", str(ckpt_file(e, "list.pt", {**_plain_ckpt(e), "model_state": [1, 2]})), str(e.tmp)],
+        "its model_state is not a mapping of weight names to tensors",
+    ),
 ]
 
 
@@ -1091,6 +1105,18 @@ def _half_jpeg() -> bytes:
 def _cfg(e: Env, name: str, text: str) -> Path:
     (e.tmp / name).write_text(text)
     return e.tmp / name
+
+
+def _plain_ckpt(e: Env) -> dict:
+    return torch.load(e.run / "best.pt", weights_only=True)
+
+
+def _nan_ckpt(e: Env) -> Path:
+    ckpt = torch.load(e.run / "best.pt", weights_only=True)
+    ckpt["model_state"]["fc2.bias"][0] = float("nan")
+    path = e.tmp / "nan.pt"
+    torch.save(ckpt, path)
+    return path
 
 
 def _mismatched_ckpt(e: Env) -> Path:

@@ -90,7 +90,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CifarCnnError(f"{p}: checkpoint lacks {', '.join(missing)}; it is damaged or incomplete")
+    check_weights(ckpt["model_state"], p)
     return ckpt
+
+
+def check_weights(state: Any, path: Path) -> None:
+    """A checkpoint's weights: a mapping of names to tensors, every floating-point one finite (NaN weights would give
+    NaN logits: `predict --json` would print `NaN`, which is not JSON, and serve null probabilities)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CifarCnnError(f"{path}: its model_state is not a mapping of weight names to tensors; it is damaged")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CifarCnnError(
+            f"{path}: its weights hold NaN or infinite values ({bad[0][:80]}{more}): the run diverged; train again "
+            "with a lower --lr, or use an earlier checkpoint"
+        )
 
 
 def _load_failure(exc: Exception) -> str:
