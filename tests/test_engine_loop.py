@@ -15,7 +15,7 @@ from torch import nn
 from cifar_cnn import load_checkpoint, resolve_config, train
 from cifar_cnn.data.pipeline import TensorLoader, derived_generator
 from cifar_cnn.engine import state as engine_state
-from cifar_cnn.engine.loop import backward_and_step, loss_weights, make_scaler, set_lrs, train_one_epoch
+from cifar_cnn.engine.loop import apply_update, backward, loss_weights, make_scaler, set_lrs, train_one_epoch
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +33,15 @@ def test_only_fp16_gets_a_scaler() -> None:
     cpu = torch.device("cpu")
     assert make_scaler(cpu, "fp32") is None and make_scaler(cpu, "bf16") is None
     assert isinstance(make_scaler(cpu, "fp16"), torch.amp.GradScaler)
+
+
+def backward_and_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: torch.amp.GradScaler | None
+) -> bool:
+    """One whole step on one batch, as train_one_epoch takes it (accum_steps 1)."""
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss, scaler)
+    return apply_update(optimizer, scaler)
 
 
 def test_an_overflowing_step_is_skipped_and_the_scale_falls() -> None:

@@ -115,14 +115,6 @@ def set_lrs(optimizer: Any, peak_lrs: list[float], global_step: int, scale: floa
         group["lr"] = lr
 
 
-def backward_and_step(optimizer: Any, loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> bool:
-    """One whole step on one batch: zero the gradients, backward, update (see `apply_update`). Returns whether the
-    weights were updated."""
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss, scaler)
-    return apply_update(optimizer, scaler)
-
-
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     """Gradients of `loss` added to the parameters' (through the fp16 loss scaler when there is one)."""
     (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -42,10 +42,6 @@ WEIGHT_FILES = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def is_hf(name: str) -> bool:
-    return name.startswith(PREFIX)
-
-
 def _transformers() -> Any:
     """The transformers package, quiet (no load reports, no progress bars); one line naming the extra if absent."""
     try:
