@@ -1,7 +1,8 @@
 """The HTTP API fuzzed from its own OpenAPI schema with schemathesis: a real `cifar-cnn serve` on 127.0.0.1 gets
-requests generated from /openapi.json (odd multipart bodies, random bytes as the file, every kind of top_k), and
-no answer may be a 5xx, none may contradict the documented status codes, content types and response schemas, and
-the server must still be healthy afterwards.
+requests generated from /openapi.json for every operation it lists (/predict and /explain among them: odd multipart
+bodies, random bytes as the file, every kind of top_k, method and target_class), and no answer may be a 5xx, none
+may contradict the documented status codes, content types and response schemas, and the server must still be
+healthy afterwards.
 
 Bounded: at most MAX_EXAMPLES generated requests per operation, each with a timeout, against a server this module
 starts and stops; the module takes about 15 s on 2 busy cores.
@@ -62,10 +63,11 @@ def test_api_from_its_schema(case, fuzz_server: Server) -> None:
 
 def test_schema_documents_every_error_and_the_server_survived(fuzz_server: Server) -> None:
     spec = httpx.get(f"{fuzz_server.url}/openapi.json").json()
-    responses = spec["paths"]["/predict"]["post"]["responses"]
-    assert set(responses) == {"200", "400", "413", "422"}
     error = {"$ref": "#/components/schemas/ErrorMessage"}
-    assert all(responses[s]["content"]["application/json"]["schema"] == error for s in ("400", "413", "422"))
+    for route in ("/predict", "/explain"):  # the upload routes the fuzzer above was generated for
+        responses = spec["paths"][route]["post"]["responses"]
+        assert set(responses) == {"200", "400", "413", "422"}, route
+        assert all(responses[s]["content"]["application/json"]["schema"] == error for s in ("400", "413", "422"))
     assert httpx.get(f"{fuzz_server.url}/health", timeout=10).json()["status"] == "ok"
     metrics = httpx.get(f"{fuzz_server.url}/metrics", timeout=10).json()
     assert metrics["requests"] > 0 and metrics["rejected"].get("422", 0) > 0  # the fuzzer did reach /predict

@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 150
 # Bottom to top. A module may import modules of its own layer or of layers below it, never above.
 LAYERS: list[list[str]] = [
     # ground floor: facts and small tools every layer may use
-    ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules"],
+    ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules", "calibration"],
     # data: decoding, sources, cache, splits, the tensor pipeline
     ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset"],
     ["data.sources", "data.augment"],
@@ -40,7 +40,8 @@ LAYERS: list[list[str]] = [
     ["checkpoint", "presets", "rundir", "distributed", "transfer"],
     # using a trained model
     ["evaluate", "predict_core"],
-    ["predict", "onnx_predict", "report.figures", "report.html"],
+    ["predict", "onnx_predict", "report.figures", "report.html", "calibrate"],
+    ["explain"],
     ["report.build"],
     ["report"],
     # training

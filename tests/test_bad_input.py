@@ -894,6 +894,32 @@ CASES: list[Case] = [
         lambda e: ["predict", str(ckpt_file(e, "list.pt", {**_plain_ckpt(e), "model_state": [1, 2]})), str(e.tmp)],
         "its model_state is not a mapping of weight names to tensors",
     ),
+    # issue 15: explain and calibrate (rows go here)
+    # issue 15: int8 export (rows go here)
+    (
+        "export-int8-torchscript",
+        "usage",
+        "export --format torchscript --int8 (int8 is for ONNX only)",
+        lambda e: ["export", str(e.run / "best.pt"), "--format", "torchscript", "--int8", "--out", str(e.tmp / "m.ts")],
+        "--int8 quantizes ONNX models only; use --format onnx instead of --format torchscript",
+    ),
+    (
+        "export-max-accuracy-drop-nan",
+        "usage",
+        "export --int8 --max-accuracy-drop nan",
+        lambda e: [
+            "export",
+            str(e.run / "best.pt"),
+            "--format",
+            "onnx",
+            "--int8",
+            "--out",
+            str(e.tmp / "m.onnx"),
+            "--max-accuracy-drop",
+            "nan",
+        ],
+        "argument --max-accuracy-drop: 'nan': expected points of accuracy between -100 and 100",
+    ),
 ]
 
 

@@ -6,6 +6,8 @@ A checkpoint is a dict of plain types and tensors:
     num_classes, classes        label order
     input_size, mean, std       preprocessing
     tta                         the test-time augmentation the recipe evaluates with
+    temperature                 probabilities are softmax(logits / temperature) (absent: 1.0; `cifar-cnn calibrate`)
+    calibration                 how the temperature was fitted: {split, num_images, nll_before, nll_after, ...}
     config                      the resolved TrainConfig as a dict
     data_source                 {path, options, fingerprint}: the data the run trained on (cifar_cnn.data.DataSource)
     epoch, step, batch_in_epoch where training stood (batch_in_epoch > 0: saved inside an epoch)
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_bytes
+from .calibration import check_temperature
 from .errors import CifarCnnError
 
 FORMAT = "cifar-cnn-checkpoint"
@@ -91,7 +94,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CifarCnnError(f"{p}: checkpoint lacks {', '.join(missing)}; it is damaged or incomplete")
     check_weights(ckpt["model_state"], p)
+    checkpoint_temperature(ckpt, p)
     return ckpt
+
+
+def checkpoint_temperature(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> float:
+    """The checkpoint's softmax temperature (1.0 when it was never calibrated), checked to be finite and positive."""
+    return check_temperature(ckpt.get("temperature", 1.0), str(path))
 
 
 def check_weights(state: Any, path: Path) -> None:
@@ -157,6 +166,7 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
         "mean": list(ckpt["mean"]),
         "std": list(ckpt["std"]),
         "tta": ckpt.get("tta", "none"),
+        "temperature": float(ckpt.get("temperature", 1.0)),
         "epoch": ckpt.get("epoch"),
         "step": ckpt.get("step"),
         "metrics": ckpt.get("metrics", {}),

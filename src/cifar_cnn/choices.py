@@ -22,6 +22,7 @@ CLASS_WEIGHTS = ("none", "auto")  # auto: cross-entropy weighted by inverse clas
 SAMPLERS = ("shuffle", "balanced")  # balanced: each epoch draws classes equally often (with replacement)
 STORAGE_MODES = ("auto", "memory", "disk")  # decoded images in memory, or memory-mapped from the decode cache
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")  # policies of cifar_cnn.data.augment
+EXPLAIN_METHODS = ("gradcam", "saliency", "integrated-gradients")  # see cifar_cnn.explain
 EXPORT_FORMATS = ("onnx", "torchscript")  # see cifar_cnn.export
 EXPORT_TOLERANCE = (
     1e-4  # default largest abs logit difference of an export: fp32 on another runtime differs by rounding

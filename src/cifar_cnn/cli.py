@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -755,6 +756,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         data=_data_source(args),
         num_images=args.num_images,
         tolerance=args.tolerance,
+        int8=args.int8,
+        gate_images=args.gate_images,
+        calibration_count=args.calibration_images,
+        max_accuracy_drop=args.max_accuracy_drop,
         threads=args.threads,
         log=log,
     )
@@ -776,8 +781,11 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint to ONNX or TorchScript, checked against PyTorch",
         formatter_class=_Formatter,
         description="Writes FILE (dynamic batch size; input: normalized float32 images; output: logits) and FILE.json "
-        "(classes, normalization, input size, and the parity check against PyTorch on real test images). "
-        "Exported models run without test-time augmentation.",
+        "(classes, normalization, input size, softmax temperature, and the parity check against PyTorch on real test "
+        "images). Exported models run without test-time augmentation. --int8 (ONNX) quantizes the model statically "
+        "with onnxruntime (per-channel int8 weights, activations calibrated on training images) and keeps it only "
+        "when its top-1 accuracy on test images is within --max-accuracy-drop points of the float model's; "
+        "otherwise exit code 1 and nothing is written.",
     )
     p.add_argument("checkpoint", help="a .pt file written by train")
     p.add_argument(
@@ -791,6 +799,22 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         default=EXPORT_TOLERANCE,
         help="largest allowed abs logit difference",
     )
+    p.add_argument("--int8", action="store_true", help="quantize to int8 for CPU serving (with --format onnx)")
+    p.add_argument("--gate-images", type=_positive_int, default=2000, help="with --int8: test images for the gate")
+    p.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=512,
+        help="with --int8: training images (fixed seed) that calibrate the activation ranges",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=_bounded(float, -100.0, 100.0, what="points of accuracy"),
+        default=0.5,
+        metavar="POINTS",
+        help="with --int8: largest allowed top-1 loss against the float model, in points (a negative value demands a "
+        "gain, which refuses any model: a way to test the refusal)",
+    )
     _common(p, data="test images for the parity check: the data the checkpoint recorded, or run.json beside it")
     p.set_defaults(func=cmd_export)
 
@@ -800,9 +824,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve.app import serve
     except ImportError as exc:
         raise CifarCnnError(f"serve needs the [serve] extra (fastapi, uvicorn, python-multipart): {exc}") from None
-    from .predict import Predictor
+    if args.onnx:  # onnxruntime has no gradients: served without /explain
+        if args.checkpoint:
+            raise CifarCnnError(f"give a checkpoint or --onnx FILE, not both (got {args.checkpoint} and {args.onnx})")
+        if args.tta not in (None, "none"):
+            raise CifarCnnError("--tta: exported ONNX models run without test-time augmentation; drop --tta")
+        from .onnx_predict import OnnxPredictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta, device=args.device, threads=args.threads)
+        predictor = OnnxPredictor(args.onnx, threads=args.threads)
+    else:
+        if not args.checkpoint:
+            raise CifarCnnError("give a checkpoint to serve (a .pt file written by train), or --onnx FILE")
+        from .predict import Predictor
+
+        predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta, device=args.device, threads=args.threads)
     serve(
         predictor,
         host=args.host,
@@ -820,10 +855,13 @@ def _build_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a checkpoint over HTTP with a web page",
         formatter_class=_Formatter,
-        description="POST /predict (multipart image upload, ?top_k=K), GET /health, GET /metrics, GET / (a web page "
-        "to pick or drop an image), /docs (OpenAPI). Concurrent requests are batched into one forward pass.",
+        usage="cifar-cnn serve CHECKPOINT [options]\n       cifar-cnn serve --onnx FILE [options]",
+        description="POST /predict (multipart image upload, ?top_k=K), POST /explain (the same upload, ?method=M: "
+        "a heat map of what the answer rests on; not with --onnx), GET /health, GET /metrics, GET / (a web page to "
+        "pick or drop an image), /docs (OpenAPI). Concurrent requests are batched into one forward pass.",
     )
-    p.add_argument("checkpoint", help="a .pt file written by train")
+    p.add_argument("checkpoint", nargs="?", default=None, help="a .pt file written by train (not with --onnx)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="serve an exported .onnx model instead (no /explain)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port")
     _inference_options(p, tta=True, batch_size=None, device="cpu", precision=False)
@@ -901,6 +939,130 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# explain, calibrate (issue 15)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .errors import PartialFailure
+    from .explain import Explainer, explanation_png
+
+    if len(args.inputs) < 2:
+        raise CifarCnnError("give a checkpoint and at least one image file or folder: explain CHECKPOINT PATH...")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CifarCnnError(f"--out {out}: exists and is not a folder; name a folder for the PNGs")
+    explainer = Explainer.from_checkpoint(
+        args.inputs[0],
+        layer=args.layer,
+        tta=args.tta,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    report, images = explainer.explain_files(args.inputs[1:], args.method, args.target_class)
+    if not report.explanations:
+        first = report.errors[0]["error"] if report.errors else "no image files"
+        raise CifarCnnError(f"nothing to explain: no readable image among {' '.join(args.inputs[1:])[:200]} ({first})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CifarCnnError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    for i, (row, image) in enumerate(zip(report.explanations, images)):
+        row["png"] = str(out / f"{i:04d}-{_safe_stem(row['path'])}-{args.method}.png")
+        explanation_png(image, row, Path(row["png"]))
+    if args.json:
+        for row in report.explanations:
+            row["map"] = [[round(float(v), 4) for v in line] for line in row["map"]]
+        _emit_json(report.to_dict())
+    else:
+        for row in report.explanations:
+            print(f"{row['path']}\t{row['label']}\t{100 * row['probability']:.1f}%\t{row['png']}", flush=True)
+        for e in report.errors:
+            print(f"cifar-cnn: {e['error']}", file=sys.stderr)
+    if report.errors:
+        total = len(report.explanations) + len(report.errors)
+        raise PartialFailure(
+            f"{len(report.errors)} of {total} inputs could not be explained, {len(report.explanations)} were "
+            f"(first: {report.errors[0]['error']})"
+        )
+    return 0
+
+
+def _safe_stem(path: str) -> str:
+    """A file name part from an input path: its stem with anything but letters, digits, '-' and '_' replaced."""
+    stem = Path(path).stem[:60]
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in stem) or "image"
+
+
+def _build_explain(sub: argparse._SubParsersAction) -> None:
+    from .choices import EXPLAIN_METHODS
+
+    p = sub.add_parser(
+        "explain",
+        help="heat maps of where the model looks, per image",
+        formatter_class=_Formatter,
+        usage="cifar-cnn explain CHECKPOINT PATH... --out DIR [options]",
+        description="A heat map per image over the model's input (the centre crop predict sees), for the class "
+        "predict gives unless --target-class names another: one PNG per image in DIR with the image, the map over "
+        "it and the top-3 classes. Unreadable files are listed as errors while the rest are explained (exit code 1).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="CHECKPOINT PATH", help="a .pt checkpoint, then files/folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
+    p.add_argument("--method", default="gradcam", choices=EXPLAIN_METHODS, help="how the map is computed")
+    p.add_argument("--target-class", default=None, metavar="C", help="explain this class (name or index) instead")
+    p.add_argument(
+        "--layer", default=None, metavar="NAME", help="gradcam: the module to read (default: the last spatial map)"
+    )
+    _inference_options(p, tta=True, batch_size=64, device="cpu", precision=False)
+    _common(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_checkpoint, check_split
+
+    check_split(args.split)
+    log = _logger(args.json)
+    result = calibrate_checkpoint(
+        args.checkpoint,
+        _data_source(args),
+        split=args.split,
+        out=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        _emit_json(result)
+    else:
+        log(f"see the calibrated figures with: cifar-cnn evaluate {shlex.quote(result['checkpoint'])}")
+    return 0
+
+
+def _build_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a softmax temperature so that probabilities mean what they say",
+        formatter_class=_Formatter,
+        description="Temperature scaling: one number T, fitted on held-out images so that softmax(logits / T) has "
+        "the lowest negative log-likelihood, stored in the checkpoint (replaced atomically) or in a copy (--out). "
+        "predict, serve, evaluate, report and export use it; predictions do not change, only their probabilities.",
+    )
+    p.add_argument("checkpoint", help="a .pt file written by train")
+    _common(p, data="the data the checkpoint's run trained on")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="val: the run's validation split (or the images --calibrate held out); train: its training images; "
+        "test is refused",
+    )
+    p.add_argument("--out", default=None, metavar="FILE", help="write a calibrated copy here instead")
+    _inference_options(p, tta=False, batch_size=1000, device="auto", precision=False)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifar-cnn",
@@ -920,6 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
     _build_predict(sub)
     _build_export(sub)
     _build_serve(sub)
+    _build_explain(sub)
+    _build_calibrate(sub)
     return parser
 
 

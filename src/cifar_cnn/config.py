@@ -142,6 +142,18 @@ class TrainConfig:
     patience: int = _f(0, "stop when the validation loss has not improved for this many epochs (0: never)")
     clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value (0: off)")
     accum_steps: int = _f(1, "accumulate gradients over this many batches per optimizer step (batch_size each)")
+    # calibrated confidence (see cifar_cnn.calibrate)
+    calibrate: bool = _f(
+        False,
+        "after training, fit a softmax temperature for best.pt on the validation split (with val_split 0: on "
+        "calibration_images training images held out for it) and store it in best.pt",
+    )
+    calibration_images: int = _f(2000, "with calibrate and val_split 0: training images held out for the fit")
+
+    def calibration_holdout(self) -> int:
+        """How many training images make_splits holds out for calibration (only used when there is no validation
+        split)."""
+        return self.calibration_images if self.calibrate else 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, not tuples), so it fits YAML, JSON and a weights-only checkpoint."""
@@ -362,6 +374,7 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.patience >= 0, "patience must be >= 0"),
         (not (c.patience and c.val_split == 0), "patience needs a validation split: set val_split above 0"),
         (c.clip_grad >= 0, "clip_grad must be >= 0 (0: off)"),
+        (c.calibration_images >= 1, "calibration_images must be at least 1"),
         (c.accum_steps >= 1, "accum_steps must be at least 1"),
     ]
     for ok, message in checks:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .calibration import calibration_metrics, softmax
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .choices import SPLITS, TTA_MODES, check_choice
 from .data import Dataset, DataSource, Splits, load_dataset, make_splits
 from .data.pipeline import resize_batch, to_tensor
@@ -131,9 +132,10 @@ def evaluate(
 @dataclass
 class EvalResult(Mapping):
     """A checkpoint evaluated on a split: `metrics` as `evaluate --json` prints them (accuracy, top5_accuracy, loss,
-    num_images, classes, per-class accuracy, precision and F1, confusion_matrix, tta, split, checkpoint, epoch,
-    precision); with `with_logits`, also the float32 logits (N, classes) of the same forward pass and the split's
-    uint8 images and labels they belong to."""
+    num_images, classes, per-class accuracy, precision and F1, confusion_matrix, ece, nll, temperature,
+    uncalibrated, mean_confidence, reliability, tta, split, checkpoint, epoch, precision); with `with_logits`,
+    also the float32 logits (N, classes) of the same forward pass and the split's uint8 images and labels they
+    belong to."""
 
     metrics: dict[str, Any]
     logits: torch.Tensor | None = None
@@ -154,22 +156,26 @@ class EvalResult(Mapping):
         return len(self.metrics)
 
     def probabilities(self) -> np.ndarray:
-        """Softmax of the logits, one row per image."""
+        """The probabilities as served, one row per image: softmax of the logits / the checkpoint's temperature."""
         if self.logits is None:
             raise ValueError("evaluated without with_logits=True")
-        return torch.softmax(self.logits, 1).numpy()
+        return softmax(self.logits.numpy(), float(self.metrics.get("temperature", 1.0))).astype(np.float32)
 
 
 def checkpoint_splits(ds: Dataset, ckpt: dict[str, Any]) -> Splits:
-    """The splits a checkpoint's run used: its config's val_split, seed and subset (so `val` is its validation set)."""
+    """The splits a checkpoint's run used: its config's val_split, seed, subset and calibration slice (so `val` is its
+    validation set, and for a run trained on all images with --calibrate, the images held out for calibration)."""
     cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    return make_splits(ds, float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)), cfg.get("subset") or None)
+    calibration = int(cfg.get("calibration_images", 0)) if cfg.get("calibrate") else 0
+    return make_splits(
+        ds, float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)), cfg.get("subset") or None, calibration
+    )
 
 
 def _split_arrays(splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray]:
     return {
         "test": (splits.test_images, splits.test_labels),
-        "val": (splits.val_images, splits.val_labels),
+        "val": splits.held_out(),
         "train": (splits.train_images, splits.train_labels),
     }[split]
 
@@ -229,6 +235,7 @@ def evaluate_checkpoint(
         size=int(ckpt["input_size"]),
     )
     metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
+    metrics.update(calibration_metrics(logits.numpy(), np.asarray(labels), checkpoint_temperature(ckpt, checkpoint)))
     metrics.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
     if skipped:
         metrics["skipped_images"] = skipped  # label rows left out with --skip-bad

@@ -1,9 +1,14 @@
 """Export a checkpoint to ONNX or TorchScript and check the exported model against PyTorch on real test images.
 
 The exported model takes float32 images already normalized with the checkpoint's mean and std, shape
-(batch, 3, S, S) with a dynamic batch size, and returns raw logits (batch, classes). It runs without test-time
-augmentation. Beside FILE, FILE.json records the class names, normalization, input size and the parity check:
-the largest absolute logit difference from PyTorch and the top-1 agreement on `num_images` test images.
+(batch, 3, S, S) with a dynamic batch size, and returns raw logits (batch, classes); the checkpoint's softmax
+temperature travels in the metadata for the predictor to apply. It runs without test-time augmentation. Beside FILE,
+FILE.json records the class names, normalization, input size and the parity check: the largest absolute logit
+difference from PyTorch and the top-1 agreement on `num_images` test images.
+
+With `int8`, the float ONNX model is quantized statically by onnxruntime (int8 per-channel weights, uint8 activations
+calibrated on training images) and kept only when its top-1 accuracy on test images is within `max_accuracy_drop`
+points of the float model's (the gate); otherwise nothing is written and `AccuracyGateFailed` is raised.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +31,15 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .choices import EXPORT_FORMATS, EXPORT_TOLERANCE, check_choice
-from .data import load_dataset
+from .data import Dataset, load_dataset
+from .data.dataset import Images, take
 from .data.pipeline import resize_batch
 from .data.preprocess import normalize
 from .device import set_threads
 from .errors import CifarCnnError
-from .evaluate import predict_logits
+from .evaluate import checkpoint_splits, predict_logits
 from .onnx_predict import METADATA_KEY
 from .rundir import resolve_source
 from .version import __version__
@@ -39,6 +47,15 @@ from .version import __version__
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TTA_NOTE = "exported models run without test-time augmentation (TTA); the checkpoint's TTA mode is {tta!r}"
+QUANT_FORMAT = "QDQ"  # QuantizeLinear/DequantizeLinear pairs; measured against QOperator in benchmarks/int8_bench.py
+CALIBRATION_SEED = 0  # which training images calibrate the activation ranges: fixed, so an export can be repeated
+CALIBRATION_BATCH = 64
+
+
+class AccuracyGateFailed(CifarCnnError):
+    """The int8 model lost more top-1 accuracy than allowed; nothing was written (exit code 1)."""
+
+    exit_code = 1
 
 
 def _metadata(ckpt: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -57,6 +74,7 @@ def _metadata(ckpt: dict[str, Any], fmt: str) -> dict[str, Any]:
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(ckpt["classes"])], "meaning": "raw logits"},
         "tta": "none",
+        "temperature": checkpoint_temperature(ckpt),  # probabilities are softmax(logits / temperature)
         "note": TTA_NOTE.format(tta=ckpt.get("tta", "none")),
     }
 
@@ -85,9 +103,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: di
             verbose=False,
         )
     quiet.setLevel(level)
-    proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    write_onnx(program.model_proto, out, metadata)
+
+
+def write_onnx(proto: Any, out: Path, metadata: dict[str, Any]) -> None:
+    """Store `metadata` as the model's cifar_cnn metadata entry (replacing one there) and write it atomically."""
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    for key, value in [*kept, (METADATA_KEY, json.dumps(metadata))]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     atomic_write_bytes(out, lambda f: f.write(proto.SerializeToString()))
 
 
@@ -101,13 +126,28 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, metad
     atomic_write_bytes(out, lambda f: f.write(buf.getvalue()))
 
 
+def model_inputs(images: np.ndarray, ckpt: dict[str, Any]) -> torch.Tensor:
+    """uint8 images (N, 3, h, w) as the exported model takes them: normalized float32, resized to the input size."""
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), tuple(ckpt["mean"]), tuple(ckpt["std"]))
+    return resize_batch(x, int(ckpt["input_size"]))
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with its default graph optimizations (`threads`: intra-op threads, None: all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def exported_logits(fmt: str, path: Path, x: torch.Tensor, batch_size: int) -> np.ndarray:
     """Run the exported file on normalized float32 images, `batch_size` at a time, in its own runtime."""
     chunks = []
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         for i in range(0, len(x), batch_size):
             chunks.append(session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0])
     else:
@@ -131,7 +171,7 @@ def parity(
     reference = predict_logits(
         model, images, mean, std, batch_size=batch_size, precision="fp32", tta="none", size=size
     ).numpy()
-    x = resize_batch(normalize(torch.from_numpy(np.ascontiguousarray(images)), mean, std), size)
+    x = model_inputs(images, ckpt)
     got = exported_logits(fmt, path, x, batch_size)
     single = exported_logits(fmt, path, x[:8], 1)
     diff = float(np.abs(got - reference).max())
@@ -146,6 +186,172 @@ def parity(
     }
 
 
+def calibration_images(ds: Dataset, ckpt: dict[str, Any], count: int) -> Images:
+    """`count` images (all, when there are fewer) drawn with a fixed seed from the training split of the checkpoint's
+    run (its validation images stay out, as in training), in data set order."""
+    train = checkpoint_splits(ds, ckpt).train_images
+    if len(train) == 0:
+        raise CifarCnnError("--int8: the data has no training images to calibrate the quantized model on")
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    return take(train, np.sort(rng.choice(len(train), size=min(count, len(train)), replace=False)))
+
+
+def _calibration_reader(images: Images, ckpt: dict[str, Any]) -> Any:
+    """An onnxruntime CalibrationDataReader giving `images` as the model's input, CALIBRATION_BATCH at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(images), CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            return {INPUT_NAME: model_inputs(images[start : start + CALIBRATION_BATCH], ckpt).numpy()}
+
+    return Reader()
+
+
+def quantize_onnx(
+    float_path: Path, out: Path, images: Images, ckpt: dict[str, Any], quant_format: str = QUANT_FORMAT
+) -> None:
+    """Static int8 quantization with onnxruntime: shape inference and graph optimizations first (quant_pre_process),
+    then per-channel int8 weights and uint8 activations whose ranges are the min/max seen on `images`.
+    `quant_format`: 'QDQ' (QuantizeLinear/DequantizeLinear around float ops, fused by the runtime) or 'QOperator'
+    (QLinearConv and friends in the file)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    formats = {"QDQ": QuantFormat.QDQ, "QOperator": QuantFormat.QOperator}
+    check_choice(quant_format, tuple(formats), "quant_format")
+    prepared = out.with_name(f"{out.stem}.prepared.onnx")
+    quiet = logging.getLogger()  # the quantizer logs advice through the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(float_path), str(prepared))
+            quantize_static(
+                str(prepared),
+                str(out),
+                _calibration_reader(images, ckpt),
+                quant_format=formats[quant_format],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+    finally:
+        quiet.setLevel(level)
+        prepared.unlink(missing_ok=True)
+
+
+def onnx_accuracy(
+    paths: list[Path], images: Images, labels: np.ndarray, ckpt: dict[str, Any], threads: int | None = None
+) -> list[int]:
+    """How many of `images` each ONNX model labels right (top-1), the models run side by side on the same batches."""
+    sessions = [onnx_session(p, threads) for p in paths]
+    right = [0] * len(paths)
+    for i in range(0, len(labels), 250):
+        x = model_inputs(images[i : i + 250], ckpt).numpy()
+        for k, session in enumerate(sessions):
+            right[k] += int((session.run(None, {INPUT_NAME: x})[0].argmax(1) == labels[i : i + 250]).sum())
+    return right
+
+
+def export_int8(
+    float_path: Path,
+    out: Path,
+    ckpt: dict[str, Any],
+    ds: Dataset,
+    metadata: dict[str, Any],
+    *,
+    calibration_count: int,
+    gate_images: int,
+    max_accuracy_drop: float,
+    quant_format: str = QUANT_FORMAT,
+    threads: int | None = None,
+    data: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Quantize the float ONNX model at `float_path` (see `quantize_onnx`), compare both models' top-1 accuracy on the
+    first `gate_images` test images and write the int8 model to `out` only when it loses at most `max_accuracy_drop`
+    points (else raise AccuracyGateFailed and leave `out` as it was). Returns the record of what was done."""
+    calib = calibration_images(ds, ckpt, calibration_count)
+    quantized = float_path.with_name("int8.onnx")
+    log(f"quantizing to int8 ({quant_format}, per-channel weights) with {len(calib)} training images of {data}")
+    try:
+        quantize_onnx(float_path, quantized, calib, ckpt, quant_format)
+    except CifarCnnError:
+        raise
+    except Exception as exc:  # the quantizer's errors name an operator or a tensor; keep the first line
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CifarCnnError(f"int8 quantization of {float_path.name} failed: {first}") from None
+    n = min(gate_images, len(ds.test_labels))
+    if n == 0:
+        raise CifarCnnError(f"--data {data}: no test images to check the int8 model's accuracy on")
+    right_float, right_int8 = onnx_accuracy([float_path, quantized], ds.test_images, ds.test_labels[:n], ckpt, threads)
+    drop = 100.0 * (right_float - right_int8) / n
+    passed = drop <= max_accuracy_drop
+    record = {
+        "method": f"onnxruntime static quantization, {quant_format}",
+        "weights": "int8",
+        "activations": "uint8",
+        "per_channel": True,
+        "calibration": {"method": "MinMax", "images": len(calib), "split": "train", "seed": CALIBRATION_SEED},
+        "gate": {
+            "num_images": n,
+            "float_accuracy": right_float / n,
+            "int8_accuracy": right_int8 / n,
+            "drop_points": drop,
+            "max_accuracy_drop": max_accuracy_drop,
+            "passed": passed,
+        },
+    }
+    verdict = "within" if passed else "beyond"
+    log(
+        f"top-1 accuracy on {n} test images of {data}: float {100 * right_float / n:.2f}%, int8 "
+        f"{100 * right_int8 / n:.2f}% (a drop of {drop:.2f} points, {verdict} --max-accuracy-drop "
+        f"{max_accuracy_drop:g})"
+    )
+    if not passed:
+        raise AccuracyGateFailed(
+            f"int8 model refused: top-1 {100 * right_int8 / n:.2f}% against {100 * right_float / n:.2f}% for the float "
+            f"model on {n} test images is a drop of {drop:.2f} points, more than --max-accuracy-drop "
+            f"{max_accuracy_drop:g}; nothing written to {out} (export without --int8, or allow a larger drop)"
+        )
+    import onnx
+
+    write_onnx(onnx.load(str(quantized)), out, {**metadata, "quantization": record})
+    return record
+
+
+def _export_model(model: nn.Module, fmt: str, out: Path, metadata: dict[str, Any], checkpoint: Path) -> None:
+    """Write `model` as `fmt` to `out`; an exporter's own failure becomes a one-line CifarCnnError."""
+    size = int(metadata["input_size"])
+    exporter = export_onnx if fmt == "onnx" else export_torchscript
+    try:
+        exporter(model, torch.zeros(2, 3, size, size), out, metadata)
+    except CifarCnnError:
+        raise
+    except Exception as exc:  # an exporter failure names an operator or a shape; keep its first line
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CifarCnnError(f"{fmt} export of {checkpoint} failed: {first}") from None
+
+
+def _check_int8_options(fmt: str, gate_images: int, calibration_count: int, max_accuracy_drop: float) -> None:
+    if fmt != "onnx":
+        raise CifarCnnError(f"--int8 quantizes ONNX models only; use --format onnx instead of --format {fmt}")
+    if gate_images < 1:
+        raise CifarCnnError(f"--gate-images must be at least 1, got {gate_images}")
+    if calibration_count < 1:
+        raise CifarCnnError(f"--calibration-images must be at least 1, got {calibration_count}")
+    if not math.isfinite(max_accuracy_drop):
+        raise CifarCnnError(f"--max-accuracy-drop must be a finite number of points, got {max_accuracy_drop}")
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     fmt: str,
@@ -154,16 +360,27 @@ def export_checkpoint(
     data: str | None = None,
     num_images: int = 1000,
     tolerance: float = EXPORT_TOLERANCE,
+    int8: bool = False,
+    gate_images: int = 2000,
+    calibration_count: int = 512,
+    max_accuracy_drop: float = 0.5,
+    quant_format: str = QUANT_FORMAT,
     threads: int | None = None,
     home: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export `checkpoint` to `out` as 'onnx' or 'torchscript', check parity on `num_images` test images of `data`
     (default: the data it was trained on, from run.json) and write OUT.json. Returns the OUT.json content; its
-    'parity_ok' says whether the difference is within `tolerance` and every top-1 label agrees."""
+    'parity_ok' says whether the difference is within `tolerance` and every top-1 label agrees.
+
+    With `int8` (ONNX only) the float model is exported to a temporary folder beside `out`, checked for parity there,
+    then quantized with `calibration_count` training images and gated on `gate_images` test images (see
+    `export_int8`); OUT.json gains a 'quantization' record."""
     check_choice(fmt, EXPORT_FORMATS, "--format")
     if num_images < 1:
         raise CifarCnnError(f"--num-images must be at least 1, got {num_images}")
+    if int8:
+        _check_int8_options(fmt, gate_images, calibration_count, max_accuracy_drop)
     checkpoint, out = Path(checkpoint), Path(out)
     if not out.parent.is_dir():
         raise CifarCnnError(f"--out {out}: folder {out.parent} does not exist")
@@ -186,19 +403,30 @@ def export_checkpoint(
         raise CifarCnnError(f"--data {data}: no test images to check the exported model on")
 
     metadata = _metadata(ckpt, fmt)
-    example = torch.zeros(2, 3, size, size)
-    log(f"exporting {checkpoint} ({ckpt['model']['name']}) to {fmt}: {out}")
-    exporter = export_onnx if fmt == "onnx" else export_torchscript
-    try:
-        exporter(model, example, out, metadata)
-    except CifarCnnError:
-        raise
-    except Exception as exc:  # an exporter failure names an operator or a shape; keep its first line
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise CifarCnnError(f"{fmt} export of {checkpoint} failed: {first}") from None
-
-    check = parity(model, ckpt, fmt, out, images)
-    check.update(data=str(data), tolerance=tolerance)
+    log(f"exporting {checkpoint} ({ckpt['model']['name']}) to {fmt}{' int8' if int8 else ''}: {out}")
+    # int8: the float model lives in a temporary folder beside `out` (removed at the end, whatever happens)
+    work = tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) if int8 else contextlib.nullcontext()
+    with work as folder:
+        target = Path(folder) / "float.onnx" if int8 else out
+        _export_model(model, fmt, target, metadata, checkpoint)
+        check = parity(model, ckpt, fmt, target, images)
+        check.update(data=str(data), tolerance=tolerance)
+        if int8:
+            check["model"] = "the float model before quantization"
+            quantization = export_int8(
+                target,
+                out,
+                ckpt,
+                ds,
+                metadata,
+                calibration_count=calibration_count,
+                gate_images=gate_images,
+                max_accuracy_drop=max_accuracy_drop,
+                quant_format=quant_format,
+                threads=threads,
+                data=data,
+                log=log,
+            )
     ok = check["max_abs_logit_diff"] <= tolerance and check["top1_agreement"] == 1.0
     report = {
         **metadata,
@@ -210,12 +438,14 @@ def export_checkpoint(
         "package_version": __version__,
         "torch_version": torch.__version__,
     }
+    if int8:
+        report["quantization"] = quantization
     if ds.skipped:
         report["skipped_images"] = len(ds.skipped)  # label rows left out with --skip-bad
     atomic_write_text(Path(f"{out}.json"), json.dumps(report, indent=2) + "\n")
     log(
-        f"parity on {check['num_images']} test images of {data}: max abs logit difference "
-        f"{check['max_abs_logit_diff']:.2e}, top-1 agreement {100 * check['top1_agreement']:.2f}% "
+        f"parity{' of the float model' if int8 else ''} on {check['num_images']} test images of {data}: max abs logit "
+        f"difference {check['max_abs_logit_diff']:.2e}, top-1 agreement {100 * check['top1_agreement']:.2f}% "
         f"({'ok' if ok else 'NOT within tolerance ' + format(tolerance, 'g')}); wrote {out} and {out}.json"
     )
     log(metadata["note"])

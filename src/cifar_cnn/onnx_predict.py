@@ -2,7 +2,8 @@
 
 This module imports only numpy, Pillow and onnxruntime (and torch-free parts of cifar_cnn), so `cifar-cnn predict
 --onnx FILE` runs on a machine where torch is not installed. The class names, normalization and input size come from
-the metadata `cifar-cnn export` stores in the ONNX file, or from the FILE.json written beside it.
+the metadata `cifar-cnn export` stores in the ONNX file, or from the FILE.json written beside it; so does the softmax
+temperature (the model returns raw logits; probabilities are softmax(logits / temperature), 1.0 when absent).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .calibration import check_temperature
 from .data.preprocess import normalize
 from .errors import CifarCnnError
 from .predict_core import DEFAULT_BATCH_SIZE, BasePredictor
@@ -71,6 +73,7 @@ class OnnxPredictor(BasePredictor):
             self.input_size = int(meta["input_size"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CifarCnnError(f"{self.path}: export metadata lacks or garbles {exc}") from None
+        self.temperature = check_temperature(meta.get("temperature", 1.0), str(self.path))
         self.name = str(meta.get("model", self.path.stem))
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size = batch_size

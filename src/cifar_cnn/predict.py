@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .choices import TTA_MODES, check_choice
 from .device import resolve_device, set_threads
 from .errors import CifarCnnError
@@ -44,6 +44,7 @@ class Predictor(BasePredictor):
         device: torch.device | str = "cpu",
         batch_size: int = DEFAULT_BATCH_SIZE,
         name: str = "model",
+        temperature: float = 1.0,
     ) -> None:
         check_choice(tta, TTA_MODES, "--tta")
         if batch_size < 1:
@@ -57,6 +58,7 @@ class Predictor(BasePredictor):
         self.tta = tta
         self.batch_size = batch_size
         self.name = name
+        self.temperature = float(temperature)
 
     @classmethod
     def from_checkpoint(
@@ -81,6 +83,7 @@ class Predictor(BasePredictor):
             device=resolve_device(device),
             batch_size=batch_size,
             name=str(ckpt["model"]["name"]),
+            temperature=checkpoint_temperature(ckpt, path),
         )
 
     def logits(self, images: np.ndarray) -> np.ndarray:

@@ -18,26 +18,20 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_text
+from .calibration import softmax
 from .data.images import decode_image, image_extensions
 from .errors import CifarCnnError
 
 DEFAULT_BATCH_SIZE = 256
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (numerically stable: the row maximum is subtracted first)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def top_k_rows(logits: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
-    """One dict per image: the top label, its probability, and the `k` most probable labels (best first)."""
+def top_k_rows(logits: np.ndarray, classes: Sequence[str], k: int, temperature: float = 1.0) -> list[dict[str, Any]]:
+    """One dict per image: the top label, its probability, and the `k` most probable labels (best first), with
+    probabilities softmax(logits / temperature) (see cifar_cnn.calibration)."""
     if k < 1:
         raise CifarCnnError(f"--top-k must be at least 1, got {k}")
     k = min(k, len(classes))
-    probs = softmax(logits)
+    probs = softmax(logits, temperature)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     rows = []
     for p, idx in zip(probs, order):
@@ -98,7 +92,8 @@ class PredictionReport:
 class BasePredictor:
     """Preprocessing, batching and top-k around a `logits(uint8 batch) -> float32 (N, classes)` function.
 
-    Subclasses set `classes`, `mean`, `std`, `input_size` and implement `logits`.
+    Subclasses set `classes`, `mean`, `std`, `input_size` (and `temperature`, when calibrated) and implement
+    `logits`. Probabilities are softmax(logits / temperature).
     """
 
     classes: list[str]
@@ -106,6 +101,7 @@ class BasePredictor:
     std: tuple[float, ...]
     input_size: int
     batch_size: int = DEFAULT_BATCH_SIZE
+    temperature: float = 1.0
 
     def logits(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         """Float32 logits (N, classes) for uint8 images (N, 3, input_size, input_size)."""
@@ -121,15 +117,34 @@ class BasePredictor:
             "std": list(self.std),
             "tta": getattr(self, "tta", "none"),
             "backend": getattr(self, "backend", "unknown"),
+            "temperature": self.temperature,
         }
+
+    def rows(self, logits: np.ndarray, top_k: int = 5) -> list[dict[str, Any]]:
+        """Top-k rows (see `top_k_rows`) for logits this predictor computed, with its temperature."""
+        return top_k_rows(logits, self.classes, top_k, self.temperature)
 
     def predict(self, images: np.ndarray | Sequence[np.ndarray], top_k: int = 5) -> list[dict[str, Any]]:
         """Top-k labels and probabilities for preprocessed uint8 images (see `decode`), in batches."""
         batch = as_batch(images, self.input_size)
         out: list[dict[str, Any]] = []
         for i in range(0, len(batch), self.batch_size):
-            out.extend(top_k_rows(self.logits(batch[i : i + self.batch_size]), self.classes, top_k))
+            out.extend(self.rows(self.logits(batch[i : i + self.batch_size]), top_k))
         return out
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, classes), float64, as predict reports them (softmax of logits / temperature)."""
+        batch = as_batch(images, self.input_size)
+        return (
+            np.concatenate(
+                [
+                    softmax(self.logits(batch[i : i + self.batch_size]), self.temperature)
+                    for i in range(0, len(batch), self.batch_size)
+                ]
+            )
+            if len(batch)
+            else np.zeros((0, len(self.classes)))
+        )
 
     def decode(self, data: bytes, name: str = "image") -> np.ndarray:
         """Encoded image bytes -> the (3, S, S) uint8 array the model takes (the evaluation preprocessing)."""
@@ -146,19 +161,25 @@ class BasePredictor:
         files, errors = find_images(paths)
         report = PredictionReport(errors=errors)
         for chunk in _chunks(files, self.batch_size):
-            decoded, names = [], []
-            for f in chunk:
-                try:
-                    decoded.append(self.decode(f.read_bytes(), str(f)))
-                    names.append(str(f))
-                except CifarCnnError as exc:
-                    report.errors.append({"path": str(f), "error": str(exc)})
-                except OSError as exc:
-                    report.errors.append({"path": str(f), "error": f"{f}: cannot read ({exc.strerror or exc})"})
+            decoded, names = self.decode_files(chunk, report.errors)
             if decoded:
                 for name, row in zip(names, self.predict(np.stack(decoded), top_k)):
                     report.predictions.append({"path": name, **row})
         return report
+
+    def decode_files(self, files: Sequence[Path], errors: list[dict[str, str]]) -> tuple[list[np.ndarray], list[str]]:
+        """Decode files as predict does: (images, their paths as predict prints them); each file that cannot be
+        read or decoded is appended to `errors` as {"path", "error"} instead."""
+        decoded, names = [], []
+        for f in files:
+            try:
+                decoded.append(self.decode(f.read_bytes(), str(f)))
+                names.append(str(f))
+            except CifarCnnError as exc:
+                errors.append({"path": str(f), "error": str(exc)})
+            except OSError as exc:
+                errors.append({"path": str(f), "error": f"{f}: cannot read ({exc.strerror or exc})"})
+        return decoded, names
 
 
 def format_report(report: PredictionReport) -> str:

@@ -447,7 +447,8 @@ def load_dataset(
 
 @dataclass
 class Splits:
-    """Arrays for one run: training images, validation images (may be empty) and test images."""
+    """Arrays for one run: training images, validation images (may be empty) and test images; and, for a run that
+    trains on all images but calibrates its confidence, the training images held out for that (see make_splits)."""
 
     train_images: Images
     train_labels: np.ndarray
@@ -456,11 +457,22 @@ class Splits:
     test_images: Images
     test_labels: np.ndarray
     classes: list[str]
+    calibration_images: Images = None
+    calibration_labels: np.ndarray | None = None
+
+    def held_out(self) -> tuple[Images, np.ndarray]:
+        """The held-out training images a temperature is fitted on: the validation split, or with none, the
+        calibration slice (empty arrays when there is neither)."""
+        if len(self.val_labels) or self.calibration_labels is None:
+            return self.val_images, self.val_labels
+        return self.calibration_images, self.calibration_labels
 
 
-def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = None) -> Splits:
+def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = None, calibration: int = 0) -> Splits:
     """Take `subset` training images (stratified) if asked, then hold out `val_split` of them (stratified), both
-    fixed by `seed`. A data set with its own validation images (a val/ folder) keeps those instead."""
+    fixed by `seed`. A data set with its own validation images (a val/ folder) keeps those instead. With no
+    validation images at all, `calibration` > 0 holds out that many training images (stratified, fixed by `seed`)
+    for fitting a softmax temperature (`train --calibrate`); they are not trained on."""
     x, y = ds.train_images, ds.train_labels
     if subset:
         idx = stratified_subset(y, subset, seed)
@@ -470,4 +482,15 @@ def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = N
     else:
         train_idx, val_idx = stratified_split(y, val_split, seed)
         x, y, vx, vy = take(x, train_idx), y[train_idx], take(x, val_idx), y[val_idx]
-    return Splits(x, y, vx, vy, ds.test_images, ds.test_labels, list(ds.classes))
+    if calibration <= 0 or len(vy):
+        return Splits(x, y, vx, vy, ds.test_images, ds.test_labels, list(ds.classes))
+    if calibration >= len(y):
+        raise CifarCnnError(
+            f"calibration_images {calibration} leaves nothing to train on: there are {len(y)} training images; "
+            "use fewer, or a validation split (--val-split)"
+        )
+    held = stratified_subset(y, calibration, seed, purpose=3)
+    keep = np.setdiff1d(np.arange(len(y)), held)
+    return Splits(
+        take(x, keep), y[keep], vx, vy, ds.test_images, ds.test_labels, list(ds.classes), take(x, held), y[held]
+    )

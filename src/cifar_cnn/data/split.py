@@ -37,8 +37,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of `n` images with class proportions kept (largest-remainder rounding), chosen by the seed."""
+def stratified_subset(labels: np.ndarray, n: int, seed: int, purpose: int = 2) -> np.ndarray:
+    """Indices of `n` images with class proportions kept (largest-remainder rounding), chosen by the seed (`purpose`
+    keeps choices made for different ends independent: 2 = --subset, 3 = the calibration slice)."""
     total = len(labels)
     if not 0 < n <= total:
         raise CifarCnnError(f"--subset must be between 1 and the {total} training images, got {n}")
@@ -49,6 +50,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     for i in np.argsort(-(share - take), kind="stable")[: n - take.sum()]:
         take[i] += 1
     out = [
-        idx[np.sort(_class_rng(seed, cls, 2).permutation(len(idx))[:k])] for (cls, idx), k in zip(groups.items(), take)
+        idx[np.sort(_class_rng(seed, cls, purpose).permutation(len(idx))[:k])]
+        for (cls, idx), k in zip(groups.items(), take)
     ]
     return np.sort(np.concatenate(out))

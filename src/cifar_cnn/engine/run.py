@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import distributed
 from ..atomic import atomic_write_text
+from ..calibrate import calibrate_checkpoint
 from ..checkpoint import load_checkpoint
 from ..config import TrainConfig, to_yaml
 from ..data import DataSource
@@ -291,6 +292,12 @@ def log_start(state: RunState, resume: str | Path | None, log: Callable[[str], N
         f"{len(splits.test_labels)} test images, {len(splits.classes)} classes; device {state.device}, "
         f"precision {state.precision}, threads {torch.get_num_threads()}"
     )
+    held = splits.calibration_labels
+    if held is not None and len(held):
+        log(
+            f"calibration: {len(held):,} training images (fixed by the seed) held out for fitting the temperature "
+            "after training; they are not trained on (--calibration-images)"
+        )
     if resume:
         log(f"resuming from {resume}: epoch {state.start_epoch + 1}, step {state.start_step}")
 
@@ -380,6 +387,16 @@ def train(
     if not dist.is_main:
         dist.finish()
         return result
+    if not interrupted and config.calibrate:
+        calibrate_checkpoint(
+            paths.best,
+            state.data.source,
+            device=config.device,
+            batch_size=config.eval_batch_size,
+            home=home,
+            splits=state.data.splits,
+            log=log,
+        )
     if not interrupted and evaluate_test:
         result.test = test_best(state, paths, home)
         log(

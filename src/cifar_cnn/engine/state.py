@@ -163,7 +163,7 @@ def load_run_data(
         recorded = recorded_source(ckpt, run_dir)
         given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
-    splits = make_splits(ds, config.val_split, config.seed, config.subset or None)
+    splits = make_splits(ds, config.val_split, config.seed, config.subset or None, config.calibration_holdout())
     mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images, record)
     return RunData(source, fingerprint, splits, input_size, mean, std, stats_from, list(ds.skipped))
 

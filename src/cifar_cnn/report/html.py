@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..rundir import LAST
+from .browser import BROWSER_CSS
 
 
 def _data_uri(png: bytes) -> str:
@@ -36,7 +37,8 @@ def _kv_table(items: dict[str, Any], table_id: str) -> str:
     return f'<table id="{table_id}" class="kv">{rows}</table>'
 
 
-CSS = """
+CSS = (
+    """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
 main{max-width:1240px;margin:0 auto;padding:18px 24px 48px}
 h1{font-size:24px;margin:4px 0 2px}
@@ -55,6 +57,25 @@ table.kv th,table.kv td{text-align:left}
 td.diag{background:#dbe9f6;font-weight:600}
 .note{background:#fff6e5;border:1px solid #f0c36d;border-radius:6px;padding:8px 12px;margin:10px 0}
 """
+    + BROWSER_CSS
+)
+
+
+def _calibration_table(metrics: dict[str, Any]) -> str:
+    """ECE and NLL of the probabilities as served (with the checkpoint's temperature) and at temperature 1."""
+    if "ece" not in metrics:
+        return ""
+    raw = metrics["uncalibrated"]
+    rows = [
+        (f"as served (temperature {metrics['temperature']:.4g})", metrics["ece"], metrics["nll"]),
+        ("uncalibrated (temperature 1)", raw["ece"], raw["nll"]),
+    ]
+    body = "".join(f"<tr><th>{_esc(name)}</th><td>{pct(ece)}</td><td>{_num(nll)}</td></tr>" for name, ece, nll in rows)
+    mean = metrics.get("mean_confidence")
+    tail = f"<tr><th>mean confidence (as served)</th><td colspan=2>{pct(mean)}</td></tr>" if mean is not None else ""
+    return (
+        f'<table id="calibration"><tr><th>probabilities</th><th>ECE (15 bins)</th><th>NLL</th></tr>{body}{tail}</table>'
+    )
 
 
 def render_html(
@@ -66,8 +87,11 @@ def render_html(
     checkpoint: dict[str, Any],
     metrics: dict[str, Any],
     images: dict[str, bytes],
+    browser: str = "",
+    explained: dict[str, Any] | None = None,
 ) -> str:
-    """The report as one HTML page; `images` maps figure names to PNG bytes, embedded as data URIs."""
+    """The report as one HTML page; `images` maps figure names to PNG bytes, embedded as data URIs; `browser` is the
+    mistake browser's panel and script (browser.render_browser), `explained` what the heat maps were made with."""
     classes = metrics["classes"]
     cm = metrics["confusion_matrix"]
     status = run.get("status") or "unknown"
@@ -122,6 +146,8 @@ def render_html(
         (str(metrics["num_images"]), "test images"),
         (f"{len(history)} / {config.get('epochs', '?')}", "epochs"),
     ]
+    if "ece" in metrics:
+        cards.insert(3, (pct(metrics["ece"]), f"ECE (T = {metrics['temperature']:.3g})"))
     cards_html = "".join(f"<div class='card'><b>{_esc(v)}</b><span>{_esc(k)}</span></div>" for v, k in cards)
     provenance = {
         k: run.get(k)
@@ -153,6 +179,19 @@ def render_html(
     def img(name: str, alt: str) -> str:
         return f'<img id="img-{name}" alt="{_esc(alt)}" src="{_data_uri(images[name])}">' if name in images else ""
 
+    explained = explained or {}
+    heat_note = (
+        f"<p class='note'>No heat maps: {_esc(explained['note'])}</p>"
+        if "note" in explained
+        else "<p class='sub'>Each beside its Grad-CAM map for the predicted class: where the model looked to say it."
+        "</p>"
+    )
+    browser_intro = (
+        "<p class='sub'>Click a cell: its test images (true class = row, predicted = column), at most 25, highest "
+        "loss first, with their heat maps.</p>"
+        if browser
+        else ""
+    )
     generated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -169,12 +208,19 @@ evaluated {_esc(ckpt_desc)} on the test split; generated {_esc(generated)}</div>
 <h2>Test metrics per class</h2>
 <div class="row">{per_class}{img("per_class", "test accuracy per class")}</div>
 <h2>Confusion matrix</h2>
+{browser_intro}
 <div class="row">{img("confusion", "confusion matrix heat map")}{cm_table}</div>
+{browser}
+<h2>Calibration</h2>
+<p class="sub">How far the stated confidence is from the accuracy: expected calibration error over 15 equal-width
+bins of top-1 confidence, and the mean negative log-likelihood of the true class.</p>
+<div class="row">{_calibration_table(metrics)}{img("reliability", "reliability: accuracy per confidence bin")}</div>
 <h2>Predictions</h2>
 <p class="sub">A fixed sample of test images: predicted class and confidence, true class below; mistakes in red.</p>
 {img("predictions", "test images with predicted and true labels")}
 <h2>Most confidently wrong</h2>
-{img("confident_wrong", "the wrong predictions with the highest confidence")}
+{heat_note}
+{img("confident_wrong", "the wrong predictions with the highest confidence, with their heat maps")}
 <h2>Epochs</h2>
 {epochs_table}
 <h2>Config</h2>

@@ -1,4 +1,5 @@
-"""FastAPI app around a predictor: POST /predict, GET /health, GET /metrics, GET / (the web page), /docs.
+"""FastAPI app around a predictor: POST /predict, POST /explain, GET /health, GET /metrics, GET / (the web page),
+/docs.
 
 Requests that arrive together are answered by one forward pass: `MicroBatcher` collects decoded images for up to
 `max_wait_ms` after the first one (or until `max_batch` are waiting) and runs the model once on all of them, in a
@@ -9,6 +10,10 @@ Uploads are checked before the model sees them: a body larger than the limit is 
 (or as it streams in), an empty file gets 400, a file Pillow cannot read or a decompression bomb gets 422, and so
 does a request FastAPI cannot validate (no `file` field, a `top_k` that is not a positive integer), each with a
 one-line message in {"detail": "..."}, as the OpenAPI schema documents. Nothing a client uploads causes a 5xx.
+
+POST /explain takes the same upload under the same rules and answers predict's labels with a heat map (see
+cifar_cnn.explain) over the centre crop the model sees. It needs gradients, so it exists only for a PyTorch model
+(not for --onnx; /health says which), and it runs on the micro-batcher's forward thread, between batches.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -31,12 +36,20 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..choices import EXPLAIN_METHODS
 from ..errors import CifarCnnError
-from ..predict_core import BasePredictor, top_k_rows
+from ..predict_core import BasePredictor
+
+if TYPE_CHECKING:
+    from ..explain import Explainer
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024  # 10 MiB: a large photograph; CIFAR images are ~1 KB
 MULTIPART_OVERHEAD = 64 * 1024  # room for the multipart boundaries, headers and the top_k field
+UPLOAD_HELP = "an image file: PNG, JPEG, WebP, BMP, GIF, TIFF, ..."
+MAP_DECIMALS = 4  # a map's values in JSON: 1e-4 is far below what a colour map or a person can tell apart
+ExplainMethod = Literal[EXPLAIN_METHODS]  # the OpenAPI enum of /explain's `method`
+T = TypeVar("T")
 
 
 class ErrorMessage(BaseModel):
@@ -57,14 +70,31 @@ class Prediction(BaseModel):
     top_k: list[LabelProbability]
 
 
-ERRORS = {
-    status: {"model": ErrorMessage, "description": text}
-    for status, text in [
-        (400, "Empty upload or a body that is not multipart/form-data"),
-        (413, "Upload over the size limit"),
-        (422, "Not a readable image, a decompression bomb, no `file` field, or a bad `top_k`"),
-    ]
-}
+class Explanation(Prediction):
+    method: str
+    target: str
+    target_probability: float
+    map: list[list[float]]
+    input_size: int
+
+
+def error_responses(unprocessable: str) -> dict[int | str, dict[str, Any]]:
+    """The documented 4xx answers of an upload route; `unprocessable` says what gets 422."""
+    return {
+        status: {"model": ErrorMessage, "description": text}
+        for status, text in [
+            (400, "Empty upload or a body that is not multipart/form-data"),
+            (413, "Upload over the size limit"),
+            (422, unprocessable),
+        ]
+    }
+
+
+ERRORS = error_responses("Not a readable image, a decompression bomb, no `file` field, or a bad `top_k`")
+EXPLAIN_ERRORS = error_responses(
+    "Not a readable image, a decompression bomb, no `file` field, a bad `top_k` or `method`, a `target_class` the "
+    "model does not have, or gradcam for a model without a spatial feature map"
+)
 
 
 def validation_message(errors: Any) -> str:
@@ -122,6 +152,10 @@ class MicroBatcher:
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(image, future))
         return await future
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the forward thread, between two batches, so that it never competes with a forward pass."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _collect(self) -> list[_Job]:
         assert self._queue is not None
@@ -201,6 +235,33 @@ class BodyLimit:
         return f"upload too large: the limit is {self.limit - MULTIPART_OVERHEAD:,} bytes per image"
 
 
+def explainer_for(predictor: BasePredictor) -> tuple[Explainer | None, str | None]:
+    """An `Explainer` when `predictor` is a PyTorch model (ONNX has no gradients: None), and why gradcam cannot run
+    on it if it cannot (no spatial feature map), found now rather than at the first request."""
+    if getattr(predictor, "backend", None) != "pytorch":
+        return None, None
+    from ..explain import Explainer
+
+    explainer = Explainer(predictor)
+    try:
+        explainer.layer()
+    except CifarCnnError as exc:
+        return explainer, api_words(str(exc))
+    return explainer, None
+
+
+def api_words(message: str) -> str:
+    """The library's messages name command-line options; an API caller knows them as query parameters."""
+    return message.replace("--target-class ", "target_class ").replace("--method ", "method=")
+
+
+def explanation(explainer: Explainer, image: np.ndarray, method: str, target: int | None, top_k: int) -> dict:
+    """One image's explanation as /explain answers it: the map as nested lists rounded to MAP_DECIMALS."""
+    row = explainer.explain(image[None], method, target, top_k)[0]
+    row["map"] = np.round(row["map"].astype(np.float64), MAP_DECIMALS).tolist()
+    return {**row, "input_size": explainer.size}
+
+
 @dataclass
 class Stats:
     """Counters for /metrics."""
@@ -208,6 +269,7 @@ class Stats:
     started: float = field(default_factory=time.time)
     requests: int = 0
     predictions: int = 0
+    explanations: int = 0
     rejected: Counter[int] = field(default_factory=Counter)
 
 
@@ -224,6 +286,8 @@ def create_app(
     batcher = MicroBatcher(predictor.logits, max_batch=max_batch, max_wait_ms=max_wait_ms)
     stats = Stats()
     info = predictor.describe()
+    explainer, no_gradcam = explainer_for(predictor)
+    methods = [m for m in EXPLAIN_METHODS if explainer is not None and not (m == "gradcam" and no_gradcam)]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -236,7 +300,8 @@ def create_app(
     app = FastAPI(
         title="cifar-cnn",
         summary=f"Image classification with {info.get('model', 'a CNN')} ({len(predictor.classes)} classes)",
-        description="Upload an image to POST /predict; the web page at / does the same from a browser.",
+        description="Upload an image to POST /predict (or to POST /explain for a heat map of what the answer rests "
+        "on); the web page at / does the same from a browser.",
         lifespan=lifespan,
     )
     app.add_middleware(
@@ -258,7 +323,13 @@ def create_app(
 
     @app.get("/health", summary="Liveness and what model is served")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **info, "max_upload_bytes": max_upload_bytes}
+        return {
+            "status": "ok",
+            **info,
+            "max_upload_bytes": max_upload_bytes,
+            "explain": explainer is not None,
+            "explain_methods": methods,
+        }
 
     @app.get("/metrics", summary="Request counts and the batch sizes the micro-batcher used")
     async def metrics() -> dict[str, Any]:
@@ -266,6 +337,7 @@ def create_app(
         return {
             "requests": stats.requests,
             "predictions": stats.predictions,
+            "explanations": stats.explanations,
             "rejected": {str(k): v for k, v in sorted(stats.rejected.items())},
             "batches": sum(sizes.values()),
             "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
@@ -275,12 +347,8 @@ def create_app(
             "uptime_s": round(time.time() - stats.started, 3),
         }
 
-    @app.post("/predict", summary="Classify one uploaded image", response_model=Prediction, responses=ERRORS)
-    async def predict(
-        file: UploadFile = File(..., description="an image file: PNG, JPEG, WebP, BMP, GIF, TIFF, ..."),
-        top_k: int = Query(5, ge=1, description="how many labels to return, most probable first"),
-    ) -> dict[str, Any]:
-        stats.requests += 1
+    async def read_upload(file: UploadFile) -> tuple[str, np.ndarray]:
+        """(the file's name, the decoded (3, S, S) uint8 image), or the 4xx both upload routes answer."""
         data = await file.read(max_upload_bytes + 1)
         await file.close()
         name = file.filename or "upload"
@@ -289,12 +357,49 @@ def create_app(
         if len(data) > max_upload_bytes:
             raise reject(413, f"{name}: upload too large: the limit is {max_upload_bytes:,} bytes per image")
         try:
-            image = await run_in_threadpool(predictor.decode, data, name)
+            return name, await run_in_threadpool(predictor.decode, data, name)
         except CifarCnnError as exc:
             raise reject(422, str(exc)) from None
+
+    @app.post("/predict", summary="Classify one uploaded image", response_model=Prediction, responses=ERRORS)
+    async def predict(
+        file: UploadFile = File(..., description=UPLOAD_HELP),
+        top_k: int = Query(5, ge=1, description="how many labels to return, most probable first"),
+    ) -> dict[str, Any]:
+        stats.requests += 1
+        name, image = await read_upload(file)
         logits = await batcher.submit(image)
-        row = top_k_rows(logits[None], predictor.classes, top_k)[0]
+        row = predictor.rows(logits[None], top_k)[0]
         stats.predictions += 1
+        return {"filename": name, **row}
+
+    if explainer is None:  # ONNX: no gradients, so no /explain (404) and /health says "explain": false
+        return app
+
+    @app.post(
+        "/explain",
+        summary="Classify one uploaded image and map which of its pixels the answer rests on",
+        response_model=Explanation,
+        responses=EXPLAIN_ERRORS,
+    )
+    async def explain(
+        file: UploadFile = File(..., description=UPLOAD_HELP),
+        method: ExplainMethod = Query("gradcam", description="how the map is computed (see cifar_cnn.explain)"),
+        target_class: str | None = Query(
+            None, description="the class to explain, by name or index (default: the predicted label)"
+        ),
+        top_k: int = Query(3, ge=1, description="how many labels to return, most probable first"),
+    ) -> dict[str, Any]:
+        stats.requests += 1
+        if method == "gradcam" and no_gradcam:
+            raise reject(422, no_gradcam)
+        try:
+            target = explainer.target_index(target_class)
+        except CifarCnnError as exc:
+            raise reject(422, api_words(str(exc))) from None
+        name, image = await read_upload(file)
+        row = await batcher.run(explanation, explainer, image, method, target, top_k)
+        stats.explanations += 1
         return {"filename": name, **row}
 
     return app

@@ -1,0 +1,180 @@
+"""int8 ONNX export (static quantization by onnxruntime, gated on test accuracy) and the softmax temperature carried
+by exported models: real trained models exported and run, checked against PyTorch and the float export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cifar_cnn import load_checkpoint, model_from_checkpoint
+from cifar_cnn.cli import main
+from cifar_cnn.data import load_dataset
+from cifar_cnn.export import AccuracyGateFailed, export_checkpoint
+from cifar_cnn.onnx_predict import METADATA_KEY, OnnxPredictor
+
+from .model_fixtures import checkpoint_data, tiny_checkpoint
+
+SAME_AS_FLOAT = ("format", "model", "classes", "mean", "std", "input_size", "input", "output", "tta", "temperature")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def test_split(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    """The 200 test images and labels of the data the tiny checkpoint was trained on."""
+    ds = load_dataset(
+        str(checkpoint_data(tmp_path_factory)), 32, home=tmp_path_factory.mktemp("home"), log=lambda m: None
+    )
+    return np.asarray(ds.test_images), ds.test_labels
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny checkpoint exported once as float ONNX and once as int8 with the default gate."""
+    out = tmp_path_factory.mktemp("int8-export")
+    lines: list[str] = []
+    common = dict(num_images=50, threads=1, home=out / "home")
+    float_report = export_checkpoint(checkpoint, "onnx", out / "float.onnx", log=lambda m: None, **common)
+    int8_report = export_checkpoint(checkpoint, "onnx", out / "int8.onnx", int8=True, log=lines.append, **common)
+    return {
+        "float": (out / "float.onnx", float_report),
+        "int8": (out / "int8.onnx", int8_report),
+        "log": lines,
+    }
+
+
+def _file_metadata(path: Path) -> dict:
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return json.loads(props[METADATA_KEY])
+
+
+def _listing(folder: Path) -> list[str]:
+    """What is in `folder`, hidden files included, less the data home the tests' autouse fixture puts there."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "home")
+
+
+def test_int8_export_passes_the_default_gate_and_predicts_like_the_float_model(
+    exports: dict, checkpoint: Path, test_split: tuple[np.ndarray, np.ndarray], tmp_path: Path
+):
+    path, report = exports["int8"]
+    gate = report["quantization"]["gate"]
+    images, labels = test_split
+    assert gate["passed"] and gate["num_images"] == 200 == len(labels) and gate["max_accuracy_drop"] == 0.5
+    assert report["quantization"]["per_channel"] and report["quantization"]["calibration"]["split"] == "train"
+    assert report["quantization"]["calibration"]["images"] == 480  # all of the run's training split (600 less 20%)
+
+    # The gate's float accuracy, recomputed with the PyTorch module (the float ONNX model agrees with it on top-1).
+    ckpt = load_checkpoint(checkpoint)
+    x = (images.astype(np.float32) / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        torch_logits = model_from_checkpoint(ckpt)(torch.from_numpy(x)).numpy()
+    assert gate["float_accuracy"] == pytest.approx(float((torch_logits.argmax(1) == labels).mean()))
+    assert gate["float_accuracy"] > 0.5  # a model that learned something, so the comparison means something
+    assert gate["float_accuracy"] - gate["int8_accuracy"] <= 0.005
+    printed = [line for line in exports["log"] if line.startswith("top-1 accuracy on 200 test images")]
+    assert len(printed) == 1 and f"float {100 * gate['float_accuracy']:.2f}%" in printed[0]
+    assert f"int8 {100 * gate['int8_accuracy']:.2f}%" in printed[0]
+
+    # Really quantized: the conv and linear weights are stored as int8.
+    model = onnx.load(str(path))
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    float_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    assert len(int8_weights) >= 3 and not float_weights
+
+    # predict --onnx runs it: the same labels as the float export on most images, similar probabilities.
+    quantized, floating = OnnxPredictor(path, threads=1), OnnxPredictor(exports["float"][0], threads=1)
+    got, want = quantized.predict(images, top_k=1), floating.predict(images, top_k=1)
+    agree = np.mean([g["label"] == w["label"] for g, w in zip(got, want)])
+    assert agree >= 0.95
+    assert np.mean([abs(g["probability"] - w["probability"]) for g, w in zip(got, want)]) < 0.05
+
+
+def test_int8_file_and_sidecar_carry_the_float_exports_metadata(exports: dict, tmp_path: Path):
+    (path, report), (float_path, float_report) = exports["int8"], exports["float"]
+    in_file, float_in_file = _file_metadata(path), _file_metadata(float_path)
+    sidecar = json.loads(Path(f"{path}.json").read_text())
+    assert sidecar == json.loads(json.dumps(report))
+    for key in SAME_AS_FLOAT:
+        assert in_file[key] == float_in_file[key] == sidecar[key] == float_report[key], key
+    assert in_file["quantization"] == sidecar["quantization"] and "quantization" not in float_in_file
+    assert sidecar["parity_ok"] and sidecar["parity"]["model"] == "the float model before quantization"
+
+    # Same graph input and output as the float model, and usable without the sidecar.
+    lone = tmp_path / "lone.onnx"
+    shutil.copy(path, lone)
+    predictor = OnnxPredictor(lone)
+    inputs, outputs = predictor.session.get_inputs(), predictor.session.get_outputs()
+    assert [i.name for i in inputs] == ["images"] and inputs[0].type == "tensor(float)"
+    assert inputs[0].shape[0] == "batch"  # dynamic batch size, as in the float export
+    assert [o.name for o in outputs] == ["logits"] and outputs[0].type == "tensor(float)"
+    assert predictor.classes == sidecar["classes"] and predictor.describe()["temperature"] == 1.0
+
+
+def test_int8_gate_refusal_exits_1_and_leaves_out_as_it_was(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier model")
+    argv = ["export", str(checkpoint), "--format", "onnx", "--int8", "--out", str(out), "--num-images", "20"]
+    capsys.readouterr()
+    assert main([*argv, "--threads", "1", "--max-accuracy-drop", "-100"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "int8 model refused" in err[0] and "--max-accuracy-drop -100" in err[0]
+    assert "top-1 accuracy on 200 test images" in captured.out and "float" in captured.out and "int8" in captured.out
+    assert out.read_bytes() == b"an earlier model"
+    assert _listing(tmp_path) == ["model.onnx"]  # no OUT.json, no temporary files
+
+    out.unlink()  # and with nothing there before: nothing there after (the library raises, exit code 1)
+    with pytest.raises(AccuracyGateFailed) as refused:
+        export_checkpoint(
+            checkpoint, "onnx", out, int8=True, num_images=20, max_accuracy_drop=-100, threads=1, log=lambda m: None
+        )
+    assert refused.value.exit_code == 1
+    assert _listing(tmp_path) == []
+
+
+def test_int8_with_torchscript_is_refused_in_one_line(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "m.ts"
+    assert main(["export", str(checkpoint), "--format", "torchscript", "--int8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--int8" in err[0] and "--format onnx" in err[0]
+    assert not out.exists()
+
+
+def test_temperature_travels_in_the_export_and_predict_applies_it(
+    exports: dict, checkpoint: Path, test_split: tuple[np.ndarray, np.ndarray], tmp_path: Path
+):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["temperature"] = 2.0
+    hot = tmp_path / "hot.pt"
+    torch.save(ckpt, hot)  # away from its run: the data source recorded in it is used
+    out = tmp_path / "hot.onnx"
+    report = export_checkpoint(hot, "onnx", out, num_images=20, threads=1, log=lambda m: None)
+    assert report["temperature"] == 2.0 and _file_metadata(out)["temperature"] == 2.0
+    assert exports["float"][1]["temperature"] == 1.0
+
+    images = test_split[0][:40]
+    x = (images.astype(np.float64) / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        logits = model_from_checkpoint(ckpt)(torch.from_numpy(x.astype(np.float32))).double()
+    want = torch.softmax(logits / 2.0, 1).numpy()  # the probabilities at T = 2, computed here
+    hot_predictor = OnnxPredictor(out)
+    assert hot_predictor.temperature == 2.0 and hot_predictor.describe()["temperature"] == 2.0
+    got = hot_predictor.predict(images, top_k=10)
+    cold = OnnxPredictor(exports["float"][0]).predict(images, top_k=10)
+    classes = hot_predictor.classes
+    for row, p, c in zip(got, want, cold):
+        by_label = {t["label"]: t["probability"] for t in row["top_k"]}
+        assert np.allclose([by_label[name] for name in classes], p, atol=1e-5)
+        assert row["label"] == c["label"]  # a temperature changes no prediction ...
+    assert max(abs(g["probability"] - c["probability"]) for g, c in zip(got, cold)) > 0.05  # ... only how sure
