@@ -40,8 +40,10 @@ LAYERS: list[list[str]] = [
     ["checkpoint", "presets", "rundir", "distributed", "transfer"],
     # using a trained model
     ["evaluate", "predict_core"],
-    ["predict", "onnx_predict", "report.figures", "report.html", "calibrate"],
+    ["predict", "onnx_predict", "report.figures", "calibrate"],
     ["explain"],
+    ["report.browser"],
+    ["report.html"],
     ["report.build"],
     ["report"],
     # training

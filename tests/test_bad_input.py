@@ -895,6 +895,96 @@ CASES: list[Case] = [
         "its model_state is not a mapping of weight names to tensors",
     ),
     # issue 15: explain and calibrate (rows go here)
+    (
+        "explain-unknown-layer",
+        "explain",
+        "explain --layer names no module of the model",
+        lambda e: ["explain", str(e.run / "best.pt"), str(_one_png(e)), "--out", str(e.tmp / "o"), "--layer", "nope"],
+        "--layer 'nope': the model has no such module",
+    ),
+    (
+        "explain-layer-not-spatial",
+        "explain",
+        "explain --layer names a layer without a spatial feature map (Grad-CAM cannot use it)",
+        lambda e: ["explain", str(e.run / "best.pt"), str(_one_png(e)), "--out", str(e.tmp / "o"), "--layer", "fc2"],
+        "--layer 'fc2' does not output a spatial feature map",
+    ),
+    (
+        "explain-nothing-readable",
+        "explain",
+        "explain a folder where no file is a readable image",
+        lambda e: [
+            "explain",
+            str(e.run / "best.pt"),
+            str(e.tree({"junk.png": b"not an image", "half.jpg": _half_jpeg()}, "unreadable")),
+            "--out",
+            str(e.tmp / "o"),
+        ],
+        "nothing to explain: no readable image among",
+    ),
+    (
+        "explain-unknown-target-class",
+        "explain",
+        "explain --target-class that is neither a class nor an index",
+        lambda e: [
+            "explain",
+            str(e.run / "best.pt"),
+            str(_one_png(e)),
+            "--out",
+            str(e.tmp / "o"),
+            "--target-class",
+            "zebra",
+        ],
+        "--target-class 'zebra' is not one of the model's classes",
+    ),
+    (
+        "explain-out-is-a-file",
+        "explain",
+        "explain --out names an existing file",
+        lambda e: ["explain", str(e.run / "best.pt"), str(_one_png(e)), "--out", str(e.run / "run.json")],
+        "exists and is not a folder",
+    ),
+    (
+        "calibrate-on-test-split",
+        "calibrate",
+        "calibrate --split test (it would flatter the test figures)",
+        lambda e: ["calibrate", str(e.run / "best.pt"), "--split", "test"],
+        "--split test: fitting the temperature on the test split would flatter",
+    ),
+    (
+        "calibrate-no-held-out-images",
+        "calibrate",
+        "calibrate a checkpoint whose run trained on all images without --calibrate",
+        lambda e: ["calibrate", str(_all_images_ckpt(e)), "--out", str(e.tmp / "c.pt"), "--threads", "1"],
+        "has no validation images to fit a temperature on",
+    ),
+    (
+        "checkpoint-temperature-nan",
+        "checkpoint",
+        "a checkpoint whose temperature is NaN",
+        lambda e: [
+            "predict",
+            str(ckpt_file(e, "t.pt", {**_plain_ckpt(e), "temperature": float("nan")})),
+            str(_one_png(e)),
+        ],
+        "its temperature nan is not a positive finite number",
+    ),
+    (
+        "train-calibration-images-too-many",
+        "config",
+        "train --calibrate --val-split 0 holding out every training image",
+        lambda e: e.train_into_run(
+            "--data", str(e.official), "--calibrate", "--val-split", "0", "--calibration-images", "100000"
+        ),
+        "calibration_images 100000 leaves nothing to train on",
+    ),
+    (
+        "train-calibration-images-zero",
+        "config",
+        "--calibration-images 0",
+        lambda e: e.train_into_run("--calibrate", "--calibration-images", "0"),
+        "calibration_images must be at least 1",
+    ),
     # issue 15: int8 export (rows go here)
     (
         "export-int8-torchscript",
@@ -1135,6 +1225,21 @@ def _cfg(e: Env, name: str, text: str) -> Path:
 
 def _plain_ckpt(e: Env) -> dict:
     return torch.load(e.run / "best.pt", weights_only=True)
+
+
+def _one_png(e: Env) -> Path:
+    path = e.tmp / "one.png"
+    path.write_bytes(png())
+    return path
+
+
+def _all_images_ckpt(e: Env) -> Path:
+    """The finished run's best.pt as if its run had trained on all images (val_split 0) without --calibrate."""
+    ckpt = torch.load(e.run / "best.pt", weights_only=True)
+    ckpt["config"]["val_split"] = 0.0
+    path = e.tmp / "all.pt"
+    torch.save(ckpt, path)
+    return path
 
 
 def _nan_ckpt(e: Env) -> Path:

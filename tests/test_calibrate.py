@@ -184,8 +184,17 @@ def test_train_calibrate_on_all_images_holds_out_a_slice(tmp_path: Path) -> None
     data = write_official_batches(tmp_path / "d", x, y, tx, ty)
     lines: list[str] = []
     config = resolve_config(
-        "seed", None, dict(epochs=2, batch_size=32, device="cpu", precision="fp32", val_split=0.0, calibrate=True,
-                           calibration_images=60),
+        "seed",
+        None,
+        dict(
+            epochs=2,
+            batch_size=32,
+            device="cpu",
+            precision="fp32",
+            val_split=0.0,
+            calibrate=True,
+            calibration_images=60,
+        ),
     )
     result = train(config, str(data), tmp_path / "run", home=tmp_path / "home", log=lines.append, threads=1)
     assert any("calibration: 60 training images" in line for line in lines)

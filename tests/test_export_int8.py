@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import helper, numpy_helper
 
 from cifar_cnn import load_checkpoint, model_from_checkpoint
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.export import AccuracyGateFailed, export_checkpoint
+from cifar_cnn.export import AccuracyGateFailed, bn_before_maxpool, export_checkpoint
 from cifar_cnn.onnx_predict import METADATA_KEY, OnnxPredictor
 
 from .model_fixtures import checkpoint_data, tiny_checkpoint
@@ -84,11 +86,14 @@ def test_int8_export_passes_the_default_gate_and_predicts_like_the_float_model(
     assert len(printed) == 1 and f"float {100 * gate['float_accuracy']:.2f}%" in printed[0]
     assert f"int8 {100 * gate['int8_accuracy']:.2f}%" in printed[0]
 
-    # Really quantized: the conv and linear weights are stored as int8.
+    # Really quantized: the weights are stored as int8, but for the first conv's (it reads the image: kept float).
     model = onnx.load(str(path))
     int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     float_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
-    assert len(int8_weights) >= 3 and not float_weights
+    assert len(int8_weights) == 3 and [tuple(t.dims) for t in float_weights] == [
+        tuple(ckpt["model_state"]["conv1.weight"].shape)
+    ]
+    assert len(report["quantization"]["float_nodes"]) == 1
 
     # predict --onnx runs it: the same labels as the float export on most images, similar probabilities.
     quantized, floating = OnnxPredictor(path, threads=1), OnnxPredictor(exports["float"][0], threads=1)
@@ -96,6 +101,24 @@ def test_int8_export_passes_the_default_gate_and_predicts_like_the_float_model(
     agree = np.mean([g["label"] == w["label"] for g, w in zip(got, want)])
     assert agree >= 0.95
     assert np.mean([abs(g["probability"] - w["probability"]) for g, w in zip(got, want)]) < 0.05
+
+
+def test_predict_onnx_command_runs_the_int8_model(
+    exports: dict, test_split: tuple[np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    from PIL import Image
+
+    images = test_split[0][:20]
+    for i, image in enumerate(images):
+        Image.fromarray(image.transpose(1, 2, 0)).save(tmp_path / f"{i:02d}.png")  # lossless: the same pixels
+    capsys.readouterr()
+    assert main(["predict", "--onnx", str(exports["int8"][0]), str(tmp_path), "--json", "--top-k", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)["predictions"]
+    want = OnnxPredictor(exports["int8"][0]).predict(images, top_k=3)
+    assert [Path(g["path"]).name for g in got] == [f"{i:02d}.png" for i in range(20)]
+    for g, w in zip(got, want):
+        assert [t["label"] for t in g["top_k"]] == [t["label"] for t in w["top_k"]]
+        assert np.allclose([t["probability"] for t in g["top_k"]], [t["probability"] for t in w["top_k"]])
 
 
 def test_int8_file_and_sidecar_carry_the_float_exports_metadata(exports: dict, tmp_path: Path):
@@ -178,3 +201,40 @@ def test_temperature_travels_in_the_export_and_predict_applies_it(
         assert np.allclose([by_label[name] for name in classes], p, atol=1e-5)
         assert row["label"] == c["label"]  # a temperature changes no prediction ...
     assert max(abs(g["probability"] - c["probability"]) for g, c in zip(got, cold)) > 0.05  # ... only how sure
+
+
+def _pool_bn_graph() -> onnx.ModelProto:
+    """conv -> max-pool -> BN (positive scale) -> relu -> max-pool -> BN (one channel's scale negative), by hand."""
+    rng = np.random.default_rng(0)
+    consts = {"w": rng.normal(size=(4, 3, 3, 3)), "one": np.ones(4), "bias": rng.normal(size=4)}
+    consts.update(mean=rng.normal(size=4), var=rng.uniform(0.5, 2, size=4), flipped=np.array([1.0, -0.5, 2.0, 1.0]))
+    pool = dict(kernel_shape=[2, 2], strides=[2, 2])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p1"], **pool),
+        helper.make_node("BatchNormalization", ["p1", "one", "bias", "mean", "var"], ["b1"], epsilon=1e-5),
+        helper.make_node("Relu", ["b1"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p2"], **pool),
+        helper.make_node("BatchNormalization", ["p2", "flipped", "bias", "mean", "var"], ["y"], epsilon=1e-5),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pool-bn",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 4, 2, 2])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_batch_norms_move_before_max_pools_only_where_that_changes_nothing():
+    model = _pool_bn_graph()
+    x = np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert bn_before_maxpool(model.graph) == 1  # the second has a negative scale in one channel: max and BN differ
+    onnx.checker.check_model(model, full_check=True)  # still topologically sorted, shapes consistent
+    assert [n.op_type for n in model.graph.node] == [
+        "Conv", "BatchNormalization", "MaxPool", "Relu", "MaxPool", "BatchNormalization"
+    ]  # fmt: skip
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert np.allclose(after, before, atol=1e-5)

@@ -28,7 +28,7 @@ from .conftest import make_images, run_cli, write_official_batches
 from .helpers import quiet
 
 CHROMIUM = "/usr/bin/chromium"
-PNGS = ("curves", "confusion", "per_class", "predictions", "confident_wrong")
+PNGS = ("curves", "confusion", "per_class", "predictions", "confident_wrong", "reliability")
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def _script_json(value: Any) -> str:
 def render_browser(data: dict[str, Any], classes: Sequence[str]) -> str:
     """The panel, its data and its script, placed after the confusion-matrix table (id confusion-matrix)."""
     return (
-        '<div id="browser"><p class="sub">Click a cell of the table to see its images.</p></div>'
+        '<div id="browser"></div>'
         f'<script type="application/json" id="browser-classes">{_script_json(list(classes))}</script>'
         f'<script type="application/json" id="browser-data">{_script_json(data)}</script>'
         f"<script>{BROWSER_JS}</script>"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..rundir import LAST
-from .browser import BROWSER_CSS
+from .browser import BROWSER_CSS, CELL_LIMIT
 
 
 def _data_uri(png: bytes) -> str:
@@ -37,8 +37,7 @@ def _kv_table(items: dict[str, Any], table_id: str) -> str:
     return f'<table id="{table_id}" class="kv">{rows}</table>'
 
 
-CSS = (
-    """
+CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
 main{max-width:1240px;margin:0 auto;padding:18px 24px 48px}
 h1{font-size:24px;margin:4px 0 2px}
@@ -57,8 +56,6 @@ table.kv th,table.kv td{text-align:left}
 td.diag{background:#dbe9f6;font-weight:600}
 .note{background:#fff6e5;border:1px solid #f0c36d;border-radius:6px;padding:8px 12px;margin:10px 0}
 """
-    + BROWSER_CSS
-)
 
 
 def _calibration_table(metrics: dict[str, Any]) -> str:
@@ -75,6 +72,22 @@ def _calibration_table(metrics: dict[str, Any]) -> str:
     tail = f"<tr><th>mean confidence (as served)</th><td colspan=2>{pct(mean)}</td></tr>" if mean is not None else ""
     return (
         f'<table id="calibration"><tr><th>probabilities</th><th>ECE (15 bins)</th><th>NLL</th></tr>{body}{tail}</table>'
+    )
+
+
+def _browser_intro(explained: dict[str, Any]) -> str:
+    """What a click on the confusion matrix shows, and which cells the page left out (browser.MAX_IMAGES)."""
+    held = explained.get("browser", {})
+    left_out = held.get("cells_with_images", 0) - held.get("cells", 0)
+    more = (
+        f" The page holds the images of {held['cells']} of the {held['cells_with_images']} non-empty cells "
+        f"({held['images']} images): the mistakes first, most confused first, then the correct predictions."
+        if left_out > 0
+        else ""
+    )
+    return (
+        "<p class='sub'>Click a cell of the table: its test images (true class = row, predicted = column), at most "
+        f"{CELL_LIMIT}, highest loss first, each beside its Grad-CAM map.{more}</p>"
     )
 
 
@@ -186,16 +199,11 @@ def render_html(
         else "<p class='sub'>Each beside its Grad-CAM map for the predicted class: where the model looked to say it."
         "</p>"
     )
-    browser_intro = (
-        "<p class='sub'>Click a cell: its test images (true class = row, predicted = column), at most 25, highest "
-        "loss first, with their heat maps.</p>"
-        if browser
-        else ""
-    )
+    browser_intro = _browser_intro(explained) if browser else ""
     generated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_esc(title)}</title><style>{CSS}</style></head>
+<title>{_esc(title)}</title><style>{CSS}{BROWSER_CSS}</style></head>
 <body><main>
 <h1>{_esc(title)}</h1>
 <div class="sub">model <b>{_esc(config.get("model", "?"))}</b>, recipe {_esc(config.get("recipe", "?"))},
