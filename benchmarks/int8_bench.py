@@ -50,7 +50,7 @@ def export_models(
             path,
             int8=True,
             quant_format=fmt,
-            calibration_count=args.calibration_images,
+            calibration_count=args.quantization_images,
             gate_images=args.images,
             max_accuracy_drop=100.0,  # measure every model; the export's own gate is what users get
             **common,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes over the images")
     p.add_argument("--repeats", type=int, default=5, help="timed passes over the images (median)")
-    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--quantization-images", type=int, default=512)
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure here")
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

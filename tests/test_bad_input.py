@@ -979,6 +979,13 @@ CASES: list[Case] = [
         "calibration_images 100000 leaves nothing to train on",
     ),
     (
+        "train-resume-calibrate-changed",
+        "config",
+        "train --resume with --calibrate added (it would change which images are held out)",
+        lambda e: ["train", "--resume", str(e.run / "last.pt"), "--calibrate", "--epochs", "2"],
+        "--calibrate cannot change on --resume",
+    ),
+    (
         "train-calibration-images-zero",
         "config",
         "--calibration-images 0",

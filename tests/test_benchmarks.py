@@ -105,3 +105,55 @@ def test_finetune_bench_tiny(tmp_path: Path, official_dir: Path) -> None:
     (run,) = r["runs"]
     assert run["train_images"] == 10 and run["epoch_seconds"] > 0 and run["img_per_s"] > 0
     assert r["train_img_per_s"] == pytest.approx(run["img_per_s"]) and r["inference_img_per_s"] > 0
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, official_dir: Path) -> Path:
+    """best.pt of seed_cnn trained 1 epoch on the tiny generated data."""
+    from cifar_cnn import resolve_config, train
+
+    config = resolve_config("seed", None, dict(epochs=1, batch_size=32, device="cpu", precision="fp32"))
+    train(config, str(official_dir), tmp_path / "run", home=tmp_path / "home", log=lambda m: None, threads=1)
+    return tmp_path / "run" / "best.pt"
+
+
+@pytest.mark.slow
+def test_int8_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) -> None:
+    """Float and int8 ONNX timed in one run: img/s, speed-up and accuracies of each format."""
+    out = tmp_path / "int8.json"
+    run_script(
+        str(BENCHMARKS / "int8_bench.py"),
+        str(tiny_run),
+        "--data",
+        str(official_dir),
+        *("--images", "20", "--batch-size", "10", "--repeats", "2", "--quantization-images", "16"),
+        *("--threads", "1", "--json", str(out)),
+        timeout=600,
+    )
+    r = json.loads(out.read_text())
+    assert set(r["models"]) == {"float", "int8 QDQ", "int8 QOperator"} and r["images"] == 20
+    base = r["models"]["float"]
+    for m in r["models"].values():
+        assert m["img_per_s"] == pytest.approx(20 / m["median_seconds"]) and 0 <= m["accuracy"] <= 1
+        assert m["speedup"] == pytest.approx(base["median_seconds"] / m["median_seconds"])
+
+
+@pytest.mark.slow
+def test_explain_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) -> None:
+    """The deletion test of every method and the calibration figures, on 20 test images."""
+    out = tmp_path / "explain.json"
+    run_script(
+        str(BENCHMARKS / "explain_bench.py"),
+        str(tiny_run),
+        "--data",
+        str(official_dir),
+        *("--images", "20", "--random-images", "10", "--threads", "1", "--json", str(out)),
+        timeout=600,
+    )
+    r = json.loads(out.read_text())
+    assert [m["method"] for m in r["methods"]] == ["gradcam", "saliency", "integrated-gradients"]
+    for m in r["methods"]:
+        assert m["num_images"] == 20 and m["margin"] == pytest.approx(m["drop"] - m["random_drop"])
+        assert -1 <= m["randomization"]["spearman_mean"] <= 1 and m["ms_per_image"] > 0
+    c = r["calibration"]
+    assert 0 <= c["ece"] <= 1 and c["temperature"] == 1.0 and c["uncalibrated"]["ece"] == pytest.approx(c["ece"])

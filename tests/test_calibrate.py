@@ -126,7 +126,11 @@ def test_calibrate_replaces_the_checkpoint_and_serve_applies_it(
     (tmp_path / "run.json").write_text((overconfident["root"] / "run" / "run.json").read_text())
     assert main(["calibrate", str(ck), "--threads", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "temperature" in out and f"cifar-cnn evaluate {ck}" in out  # the printed command names the file
+    printed = out.strip().splitlines()[-1].split(": ", 1)[1]  # the command it prints, run exactly as printed
+    assert printed == f"cifar-cnn evaluate {ck}"
+    assert main([*printed.split()[1:], "--threads", "1", "--device", "cpu"]) == 0
+    shown = capsys.readouterr().out
+    assert "calibration: ECE" in shown and "with temperature" in shown
     t = torch.load(ck, weights_only=True)["temperature"]
     assert t > 2
     image = tmp_path / "x.png"

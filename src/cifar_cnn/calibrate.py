@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .choices import SPLITS, check_choice
 from .data import DataSource, Splits
 from .errors import CifarCnnError
-from .evaluate import evaluate_checkpoint
+from .evaluate import EmptySplit, EvalResult, evaluate_checkpoint
 
 CALIBRATION_SPLITS = ("val", "train")
 
@@ -43,6 +43,21 @@ def _figures(logits: np.ndarray, labels: np.ndarray, temperature: float) -> dict
     }
 
 
+def _held_out(checkpoint: Path, ckpt: dict[str, Any], split: str, tta: str | None, **kwargs: Any) -> EvalResult:
+    """Logits of the checkpoint on `split`, fp32, with `tta` (None: the checkpoint's), as predict computes them."""
+    try:
+        return evaluate_checkpoint(
+            checkpoint, split=split, tta=tta, precision="fp32", ckpt=ckpt, with_logits=True, **kwargs
+        )
+    except EmptySplit:
+        if split != "val":
+            raise
+        raise CifarCnnError(
+            f"{checkpoint}: its run has no validation images to fit a temperature on (val_split 0); train with "
+            "--calibrate (it holds out --calibration-images training images), or pass --split train"
+        ) from None
+
+
 def calibrate_checkpoint(
     checkpoint: str | Path,
     data: str | DataSource | None = None,
@@ -58,54 +73,51 @@ def calibrate_checkpoint(
 ) -> dict[str, Any]:
     """Fit the temperature of `checkpoint` on `split` of its run's data and write it into `out` (default: the
     checkpoint itself, replaced atomically). Returns what was fitted: temperature, split, num_images, and ECE and
-    NLL on those images before and after."""
+    NLL on those images before and after.
+
+    The temperature is fitted for the checkpoint's test-time augmentation (what predict and serve use); when that is
+    not 'none', a second temperature is fitted without it (`calibration.temperature_by_tta`), for exported models and
+    `--tta none`, whose logits are sharper or flatter than the averaged ones."""
     check_split(split)
     checkpoint = Path(checkpoint)
     target = Path(out) if out is not None else checkpoint
     if not target.parent.is_dir():
         raise CifarCnnError(f"--out {target}: folder {target.parent} does not exist")
     ckpt = load_checkpoint(checkpoint)
-    try:
-        held = evaluate_checkpoint(
-            checkpoint,
-            data,
-            split=split,
-            device=device,
-            precision="fp32",
-            batch_size=batch_size,
-            threads=threads,
-            home=home,
-            log=log,
-            splits=splits,
-            ckpt=ckpt,
-            with_logits=True,
-        )
-    except CifarCnnError as exc:
-        if "split" in str(exc) and "empty" in str(exc):
-            raise CifarCnnError(
-                f"{checkpoint}: its run has no validation images to fit a temperature on (val_split 0); train with "
-                "--calibrate (it holds out --calibration-images training images), or pass --split train"
-            ) from None
-        raise
+    common = dict(data=data, device=device, batch_size=batch_size, threads=threads, home=home, log=log)
+    held = _held_out(checkpoint, ckpt, split, None, splits=splits, **common)
     logits, labels = held.logits.numpy(), held.labels
     temperature = fit_temperature(logits, labels)
+    mode = held.metrics["tta"]
+    by_tta = {mode: temperature}
+    if mode != "none":
+        plain = _held_out(checkpoint, ckpt, split, "none", splits=splits, **common)
+        by_tta["none"] = fit_temperature(plain.logits.numpy(), plain.labels)
     record = {
         "split": split,
         "num_images": int(len(labels)),
         "before": _figures(logits, labels, 1.0),
         "after": _figures(logits, labels, temperature),
-        "tta": held.metrics["tta"],
+        "tta": mode,
+        "temperature_by_tta": by_tta,
         "fitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     payload = {k: v for k, v in ckpt.items() if k not in ("format", "format_version")}
     payload.update(temperature=temperature, calibration=record)
     save_checkpoint(target, payload)
-    what = "validation" if split == "val" else "training"
+    _log_fit(record, temperature, target, log)
+    return {"temperature": temperature, "checkpoint": str(target), **record}
+
+
+def _log_fit(record: dict[str, Any], temperature: float, target: Path, log: Callable[[str], None]) -> None:
+    what = "validation" if record["split"] == "val" else "training"
     before, after = record["before"], record["after"]
     log(
-        f"temperature {temperature:.4f} fitted on {len(labels):,} {what} images: ECE {100 * before['ece']:.2f}% -> "
-        f"{100 * after['ece']:.2f}%, NLL {before['nll']:.4f} -> {after['nll']:.4f}; wrote {target}"
+        f"temperature {temperature:.4f} fitted on {record['num_images']:,} {what} images: ECE "
+        f"{100 * before['ece']:.2f}% -> {100 * after['ece']:.2f}%, NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
+        f"wrote {target}"
     )
-    if split == "train":
+    if record["tta"] != "none":
+        log(f"without test-time augmentation (exported models, --tta none): {record['temperature_by_tta']['none']:.4f}")
+    if record["split"] == "train":
         log("note: the model has seen these images, so it is more confident on them than on new ones")
-    return {"temperature": temperature, "checkpoint": str(target), **record}

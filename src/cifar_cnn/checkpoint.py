@@ -98,8 +98,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def checkpoint_temperature(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> float:
-    """The checkpoint's softmax temperature (1.0 when it was never calibrated), checked to be finite and positive."""
+def checkpoint_temperature(ckpt: dict[str, Any], path: str | Path = "checkpoint", tta: str | None = None) -> float:
+    """The checkpoint's softmax temperature (1.0 when it was never calibrated), checked to be finite and positive.
+    `tta`: the test-time augmentation the logits are computed with, when it is not the checkpoint's own: the
+    temperature `calibrate` fitted for that mode if it fitted one (it does for 'none'), else the checkpoint's."""
+    record = ckpt.get("calibration")
+    by_tta = record.get("temperature_by_tta") if isinstance(record, dict) else None
+    if tta is not None and isinstance(by_tta, dict) and tta in by_tta:
+        return check_temperature(by_tta[tta], f"{path} (its temperature for tta {tta})")
     return check_temperature(ckpt.get("temperature", 1.0), str(path))
 
 
@@ -166,7 +172,7 @@ def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
         "mean": list(ckpt["mean"]),
         "std": list(ckpt["std"]),
         "tta": ckpt.get("tta", "none"),
-        "temperature": float(ckpt.get("temperature", 1.0)),
+        "temperature": checkpoint_temperature(ckpt),
         "epoch": ckpt.get("epoch"),
         "step": ckpt.get("step"),
         "metrics": ckpt.get("metrics", {}),

@@ -470,8 +470,15 @@ def _format_metrics(m: dict[str, Any]) -> str:
     lines = [
         f"{m['split']} split: {m['num_images']} images, accuracy {100 * m['accuracy']:.2f}%, "
         f"top-5 {100 * m['top5_accuracy']:.2f}%, loss {m['loss']:.4f}, macro F1 {m['macro_f1']:.4f} (tta {m['tta']})",
-        f"{'class':<14}{'accuracy':>10}{'F1':>8}",
     ]
+    if "ece" in m:
+        u = m["uncalibrated"]
+        lines.append(
+            f"calibration: ECE {100 * m['ece']:.2f}%, NLL {m['nll']:.4f}, mean confidence "
+            f"{100 * m['mean_confidence']:.2f}% with temperature {m['temperature']:.4f} "
+            f"(at 1: ECE {100 * u['ece']:.2f}%, NLL {u['nll']:.4f})"
+        )
+    lines.append(f"{'class':<14}{'accuracy':>10}{'F1':>8}")
     for name in m["classes"]:
         acc = m["per_class_accuracy"][name]
         lines.append(f"{name:<14}{'-' if acc is None else f'{100 * acc:.2f}%':>10}{m['per_class_f1'][name]:>8.3f}")
@@ -758,7 +765,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         int8=args.int8,
         gate_images=args.gate_images,
-        calibration_count=args.calibration_images,
+        calibration_count=args.quantization_images,
         max_accuracy_drop=args.max_accuracy_drop,
         threads=args.threads,
         log=log,
@@ -802,7 +809,7 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="quantize to int8 for CPU serving (with --format onnx)")
     p.add_argument("--gate-images", type=_positive_int, default=2000, help="with --int8: test images for the gate")
     p.add_argument(
-        "--calibration-images",
+        "--quantization-images",
         type=_positive_int,
         default=512,
         help="with --int8: training images (fixed seed) that calibrate the activation ranges",
@@ -1037,7 +1044,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(result)
     else:
-        log(f"see the calibrated figures with: cifar-cnn evaluate {shlex.quote(result['checkpoint'])}")
+        data = f" --data {shlex.quote(args.data)}" if args.data else ""
+        log(f"the calibrated test figures: cifar-cnn evaluate {shlex.quote(result['checkpoint'])}{data}")
     return 0
 
 

@@ -29,6 +29,10 @@ from .metrics import classification_metrics
 from .rundir import resolve_source
 
 
+class EmptySplit(CifarCnnError):
+    """The split asked for holds no images (a validation split of a run trained on all images)."""
+
+
 def _flip_avg(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (model(x).float() + model(x.flip(3)).float())
 
@@ -220,7 +224,7 @@ def evaluate_checkpoint(
         )
     images, labels = _split_arrays(splits, split)
     if len(labels) == 0:
-        raise CifarCnnError(f"the {split} split of {source} is empty (the checkpoint was trained with val_split 0?)")
+        raise EmptySplit(f"the {split} split of {source} is empty (the checkpoint was trained with val_split 0?)")
     mode = tta or ckpt.get("tta", "none")
     logits = predict_logits(
         model,
@@ -235,7 +239,8 @@ def evaluate_checkpoint(
         size=int(ckpt["input_size"]),
     )
     metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
-    metrics.update(calibration_metrics(logits.numpy(), np.asarray(labels), checkpoint_temperature(ckpt, checkpoint)))
+    temperature = checkpoint_temperature(ckpt, checkpoint, tta=mode)
+    metrics.update(calibration_metrics(logits.numpy(), np.asarray(labels), temperature))
     metrics.update(tta=mode, split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"), precision=prec)
     if skipped:
         metrics["skipped_images"] = skipped  # label rows left out with --skip-bad

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import EXPLAIN_METHODS, check_choice
+from .data.pipeline import resize_batch
 from .data.preprocess import normalize
 from .errors import CifarCnnError
 from .predict import Predictor
@@ -233,6 +234,8 @@ class Explainer:
         p = self.predictor
         device = p.device
         x = normalize(torch.from_numpy(np.ascontiguousarray(images)).to(device), p.mean, p.std)
+        held = x.shape[-2:]
+        x = resize_batch(x, self.size)  # images held smaller than the model's input (a data set's split) upscaled
         t = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(device)
         if method == "gradcam":
             raw = gradcam(self.model, x, t, self.layer())
@@ -241,11 +244,14 @@ class Explainer:
         else:
             grey = torch.full((1, 3, self.size, self.size), GREY, dtype=torch.uint8, device=device)
             raw = integrated_gradients(self.model, x, t, normalize(grey, p.mean, p.std))
-        return _scale(raw)
+        if raw.shape[-2:] != held:  # the map over the image as it was given
+            raw = F.interpolate(raw[:, None].float(), size=tuple(held), mode="bilinear", align_corners=False)[:, 0]
+        return _scale(raw.clamp(min=0))
 
     def maps(self, images: np.ndarray, method: str = "gradcam", targets: Sequence[int] | None = None) -> np.ndarray:
-        """Float32 maps (N, S, S) in [0, 1] for uint8 images (N, 3, S, S) (decoded as predict decodes them), for
-        `targets` (class indices; default: predict's label of each image)."""
+        """Float32 maps (N, H, W) in [0, 1] for uint8 images (N, 3, H, W) (decoded as predict decodes them: H = W =
+        the model's input size; smaller images, as a data set's split may hold them, are upscaled for the model and
+        their maps scaled back), for `targets` (class indices; default: predict's label of each image)."""
         self.check_method(method)
         images = np.asarray(images)
         if targets is None:

@@ -77,7 +77,7 @@ def _metadata(ckpt: dict[str, Any], fmt: str) -> dict[str, Any]:
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(ckpt["classes"])], "meaning": "raw logits"},
         "tta": "none",
-        "temperature": checkpoint_temperature(ckpt),  # probabilities are softmax(logits / temperature)
+        "temperature": checkpoint_temperature(ckpt, tta="none"),  # softmax(logits / T), for logits without TTA
         "note": TTA_NOTE.format(tta=ckpt.get("tta", "none")),
     }
 
@@ -317,9 +317,10 @@ def onnx_accuracy(
     sessions = [onnx_session(p, threads) for p in paths]
     right = [0] * len(paths)
     for i in range(0, len(labels), 250):
-        x = model_inputs(images[i : i + 250], ckpt).numpy()
+        end = min(i + 250, len(labels))  # `images` may hold more than the labels scored
+        x = model_inputs(images[i:end], ckpt).numpy()
         for k, session in enumerate(sessions):
-            right[k] += int((session.run(None, {INPUT_NAME: x})[0].argmax(1) == labels[i : i + 250]).sum())
+            right[k] += int((session.run(None, {INPUT_NAME: x})[0].argmax(1) == labels[i:end]).sum())
     return right
 
 
@@ -410,7 +411,7 @@ def _check_int8_options(fmt: str, gate_images: int, calibration_count: int, max_
     if gate_images < 1:
         raise CifarCnnError(f"--gate-images must be at least 1, got {gate_images}")
     if calibration_count < 1:
-        raise CifarCnnError(f"--calibration-images must be at least 1, got {calibration_count}")
+        raise CifarCnnError(f"--quantization-images must be at least 1, got {calibration_count}")
     if not math.isfinite(max_accuracy_drop):
         raise CifarCnnError(f"--max-accuracy-drop must be a finite number of points, got {max_accuracy_drop}")
 
@@ -474,6 +475,13 @@ def export_checkpoint(
         _export_model(model, fmt, target, metadata, checkpoint)
         check = parity(model, ckpt, fmt, target, images)
         check.update(data=str(data), tolerance=tolerance)
+        ok = check["max_abs_logit_diff"] <= tolerance and check["top1_agreement"] == 1.0
+        if int8 and not ok:
+            raise AccuracyGateFailed(
+                f"the float model differs from PyTorch (max abs logit difference {check['max_abs_logit_diff']:.2e}, "
+                f"top-1 agreement {100 * check['top1_agreement']:.2f}%, tolerance {tolerance:g}), so it was not "
+                f"quantized and nothing was written at {out}"
+            )
         if int8:
             check["model"] = "the float model before quantization"
             quantization = export_int8(
@@ -490,7 +498,6 @@ def export_checkpoint(
                 data=data,
                 log=log,
             )
-    ok = check["max_abs_logit_diff"] <= tolerance and check["top1_agreement"] == 1.0
     report = {
         **metadata,
         "file": out.name,

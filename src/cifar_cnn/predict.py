@@ -73,17 +73,18 @@ class Predictor(BasePredictor):
         """Load a checkpoint written by `train`; `tta=None` uses the checkpoint's own test-time augmentation."""
         set_threads(threads)
         ckpt = load_checkpoint(path)
+        mode = tta or ckpt.get("tta", "none")
         return cls(
             model_from_checkpoint(ckpt, path),
             list(ckpt["classes"]),
             tuple(ckpt["mean"]),
             tuple(ckpt["std"]),
             int(ckpt["input_size"]),
-            tta=tta or ckpt.get("tta", "none"),
+            tta=mode,
             device=resolve_device(device),
             batch_size=batch_size,
             name=str(ckpt["model"]["name"]),
-            temperature=checkpoint_temperature(ckpt, path),
+            temperature=checkpoint_temperature(ckpt, path, tta=mode),
         )
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -97,5 +98,6 @@ class Predictor(BasePredictor):
             device=self.device,
             precision="fp32",
             tta=self.tta,
+            size=self.input_size,  # images held smaller (a data set's split) are upscaled as evaluate does
         )
         return out.numpy()

@@ -32,9 +32,17 @@ from .loop import loss_weights, make_lr_fn, make_scaler, optimizer_for
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The config stored in a checkpoint, with command-line overrides (e.g. more --epochs) applied."""
+    """The config stored in a checkpoint, with command-line overrides (e.g. more --epochs) applied. Overrides that
+    would change which training images are held out for calibration are refused."""
     config = apply(TrainConfig(), dict(checkpoint["config"]), "checkpoint config")
-    return validate(apply(config, dict(overrides or {}), "command line"))
+    resumed = validate(apply(config, dict(overrides or {}), "command line"))
+    for key in ("calibrate", "calibration_images"):
+        if getattr(resumed, key) != getattr(config, key):
+            raise CifarCnnError(
+                f"--{key.replace('_', '-')} cannot change on --resume: it would change which training images the run "
+                "holds out; calibrate the finished run with `cifar-cnn calibrate RUN_DIR/best.pt` instead"
+            )
+    return resumed
 
 
 @dataclass

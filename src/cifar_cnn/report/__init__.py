@@ -8,11 +8,15 @@ RUN_DIR/report/:
     confusion.png      the test confusion matrix as an annotated heat map
     per_class.png      test accuracy per class
     predictions.png    32 test images (a fixed sample): predicted label, confidence, true label (mistakes in red)
-    confident_wrong.png  the mistakes the model was surest of
-    report.json        what was evaluated and the metrics (the schema of `evaluate --json` under test_metrics)
-    index.html         all of it in one file, images embedded, readable offline
+    confident_wrong.png  the mistakes the model was surest of, each beside its Grad-CAM map
+    reliability.png    accuracy against confidence (15 bins), with and without the checkpoint's temperature
+    report.json        what was evaluated and the metrics (the schema of `evaluate --json` under test_metrics), the
+                       heat maps' method, layer and seconds (`explanations`), page size and timings
+    index.html         all of it in one file, images embedded, readable offline, with the mistake browser: click a
+                       cell of the confusion matrix to see its images by loss, with their heat maps
 
     figures.py  the plots (matplotlib object API; each returns the numbers it drew)
+    browser.py  the mistake browser: which images each cell shows, their encoding, the page's small script
     html.py     the page
     build.py    the whole report from a run directory
 """

@@ -71,8 +71,9 @@ def explain_images(
     try:
         explainer = Explainer.from_checkpoint(checkpoint, threads=threads, device=device, batch_size=EXPLAIN_BATCH)
         maps = explainer.maps(images[list(indices)], "gradcam", targets[list(indices)])
-    except CifarCnnError as exc:
-        return None, done | {"images": 0, "seconds": round(time.perf_counter() - start, 2), "note": str(exc)}
+    except (CifarCnnError, RuntimeError, ValueError) as exc:  # a model the maps cannot run on: no maps, a note
+        note = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return None, done | {"images": 0, "seconds": round(time.perf_counter() - start, 2), "note": note}
     seconds = round(time.perf_counter() - start, 2)
     return dict(zip(indices, maps)), done | {"layer": explainer.layer(), "seconds": seconds}
 
