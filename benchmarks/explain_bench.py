@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=1000, help="test images for the deletion test")
     parser.add_argument("--random-images", type=int, default=200, help="test images for the randomization check")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block", type=int, default=4, help="the square deleted as a unit in the block-level test")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args()
@@ -69,8 +70,11 @@ def main() -> int:
         maps = explainer.maps(images, method)
         seconds = time.perf_counter() - started
         deletion = deletion_test(explainer, images, method, seed=args.seed, maps=maps)
+        blocks = deletion_test(explainer, images, method, seed=args.seed, maps=maps, block=args.block)
         randomized = randomization_check(explainer, images[: args.random_images], method, seed=args.seed)
-        rows.append({**deletion, "ms_per_image": 1000 * seconds / len(images), "randomization": randomized})
+        rows.append(
+            {**deletion, "blocks": blocks, "ms_per_image": 1000 * seconds / len(images), "randomization": randomized}
+        )
         print(f"{method}: margin {deletion['margin']:.1f} points ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
     test = evaluate_checkpoint(args.checkpoint, args.data, split="test", precision="fp32", log=lambda m: None)

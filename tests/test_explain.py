@@ -21,6 +21,7 @@ from cifar_cnn.explain import (
     centre_map,
     deletion_test,
     gradcam_layer,
+    in_blocks,
     randomization_check,
     rank_correlation,
     top_mask,
@@ -227,6 +228,18 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
     outside = (maps * ~patch_model["masks"]).sum((1, 2)) / (~patch_model["masks"]).sum((1, 2))
     # the maps point at the coloured square (plain gradients are noisy: they spread over the whole image)
     assert np.median(inside / np.maximum(outside, 1e-9)) > {"saliency": 1.15}.get(method, 2.0)
+
+
+def test_block_deletion_greys_whole_squares(explainer: Explainer, patch_model: dict) -> None:
+    maps = np.zeros((1, 32, 32), np.float32)
+    maps[0, 4:8, 8:12] = 1.0  # one hot 4x4 square, a warm pixel elsewhere
+    maps[0, 30, 30] = 0.9
+    blocks = in_blocks(maps, 4)
+    assert np.allclose(blocks[0, 4:8, 8:12], 1.0, atol=1e-6) and np.isclose(blocks[0, 28, 28], 0.9 / 16, atol=1e-6)
+    mask = top_mask(blocks, 32 / 1024)  # two squares' worth: the hot square, then the warm one
+    assert mask[0, 4:8, 8:12].all() and mask[0, 28:32, 28:32].all() and mask.sum() == 32
+    deletion = deletion_test(explainer, patch_model["images"], "gradcam", block=4)
+    assert deletion["block"] == 4 and deletion["margin"] >= 2.0, deletion
 
 
 def test_both_checks_fail_on_maps_of_noise(explainer: Explainer, patch_model: dict) -> None:
