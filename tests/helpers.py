@@ -5,6 +5,17 @@ from __future__ import annotations
 from cifar_cnn import resolve_config
 from cifar_cnn.config import TrainConfig
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+CHROMIUM_ARGS = [  # no sandbox (root in a container), nothing fetched in the background
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 
 def quiet(_: str) -> None:
     """A `log=` that prints nothing."""

@@ -30,18 +30,8 @@ from cifar_cnn.report import build_report
 from cifar_cnn.report.browser import CELL_LIMIT, MAX_IMAGES, pick_cells
 
 from .conftest import make_images, write_official_batches
-from .helpers import quiet
+from .helpers import CHROMIUM, CHROMIUM_ARGS, quiet
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [  # as test_serve.py launches it: no sandbox (root in a container), nothing fetched in the background
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TEMPERATURE = 1.7
 
 

@@ -23,18 +23,8 @@ import pytest
 from cifar_cnn.predict import Predictor
 from cifar_cnn.serve.app import MicroBatcher
 
+from .helpers import CHROMIUM, CHROMIUM_ARGS
 from .model_fixtures import Server, real_test_tree, tiny_checkpoint
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="session")

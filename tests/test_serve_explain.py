@@ -21,8 +21,9 @@ from cifar_cnn.cli import main
 from cifar_cnn.explain import Explainer, overlay
 from cifar_cnn.predict import Predictor
 
+from .helpers import CHROMIUM, CHROMIUM_ARGS
 from .model_fixtures import Server, real_test_tree, tiny_checkpoint
-from .test_serve import CHROMIUM, CHROMIUM_ARGS, _artifact
+from .test_serve import _artifact
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser

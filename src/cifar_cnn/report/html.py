@@ -91,6 +91,46 @@ def _browser_intro(explained: dict[str, Any]) -> str:
     )
 
 
+def _per_class_table(metrics: dict[str, Any]) -> str:
+    classes, cm = metrics["classes"], metrics["confusion_matrix"]
+    support = [int(sum(row)) for row in cm]
+    rows = "".join(
+        f"<tr><th>{_esc(c)}</th><td>{support[i]}</td>"
+        f"<td><span class='bar' style='width:{60 * (metrics['per_class_accuracy'][c] or 0):.0f}px'></span>"
+        f"{pct(metrics['per_class_accuracy'][c])}</td>"
+        f"<td>{pct(metrics['per_class_precision'][c])}</td><td>{_num(metrics['per_class_f1'][c], 3)}</td></tr>"
+        for i, c in enumerate(classes)
+    )
+    return (
+        '<table id="per-class"><tr><th>class</th><th>images</th><th>accuracy (recall)</th><th>precision</th>'
+        f"<th>F1</th></tr>{rows}</table>"
+    )
+
+
+def _confusion_table(classes: list[str], cm: list[list[int]]) -> str:
+    head = "".join(f"<th title='predicted {_esc(c)}'>{_esc(c)}</th>" for c in classes)
+    body = "".join(
+        f"<tr><th>{_esc(classes[i])}</th>"
+        + "".join(f"<td{' class=diag' if i == j else ''}>{v}</td>" for j, v in enumerate(row))
+        + "</tr>"
+        for i, row in enumerate(cm)
+    )
+    return f'<table id="confusion-matrix"><tr><th>true \\ predicted</th>{head}</tr>{body}</table>'
+
+
+def _epochs_table(history: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{int(r['epoch'])}</td><td>{_num(r['train_loss'])}</td><td>{pct(r['train_acc'])}</td>"
+        f"<td>{_num(r['val_loss'])}</td><td>{pct(r['val_acc'])}</td><td>{r['lr']:.4g}</td>"
+        f"<td>{_num(r['seconds'], 1)}</td></tr>"
+        for r in history
+    )
+    return (
+        '<table id="epochs"><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th>'
+        f"<th>lr</th><th>seconds</th></tr>{rows}</table>"
+    )
+
+
 def render_html(
     *,
     run_dir: Path,
@@ -121,36 +161,9 @@ def render_html(
             "completed; the curves show what it logged."
         )
 
-    support = [int(sum(row)) for row in cm]
-    per_class_rows = "".join(
-        f"<tr><th>{_esc(c)}</th><td>{support[i]}</td>"
-        f"<td><span class='bar' style='width:{60 * (metrics['per_class_accuracy'][c] or 0):.0f}px'></span>"
-        f"{pct(metrics['per_class_accuracy'][c])}</td>"
-        f"<td>{pct(metrics['per_class_precision'][c])}</td><td>{_num(metrics['per_class_f1'][c], 3)}</td></tr>"
-        for i, c in enumerate(classes)
-    )
-    per_class = (
-        '<table id="per-class"><tr><th>class</th><th>images</th><th>accuracy (recall)</th><th>precision</th>'
-        f"<th>F1</th></tr>{per_class_rows}</table>"
-    )
-    head = "".join(f"<th title='predicted {_esc(c)}'>{_esc(c)}</th>" for c in classes)
-    body = "".join(
-        f"<tr><th>{_esc(classes[i])}</th>"
-        + "".join(f"<td{' class=diag' if i == j else ''}>{v}</td>" for j, v in enumerate(row))
-        + "</tr>"
-        for i, row in enumerate(cm)
-    )
-    cm_table = f'<table id="confusion-matrix"><tr><th>true \\ predicted</th>{head}</tr>{body}</table>'
-    epoch_rows = "".join(
-        f"<tr><td>{int(r['epoch'])}</td><td>{_num(r['train_loss'])}</td><td>{pct(r['train_acc'])}</td>"
-        f"<td>{_num(r['val_loss'])}</td><td>{pct(r['val_acc'])}</td><td>{r['lr']:.4g}</td>"
-        f"<td>{_num(r['seconds'], 1)}</td></tr>"
-        for r in history
-    )
-    epochs_table = (
-        '<table id="epochs"><tr><th>epoch</th><th>train loss</th><th>train acc</th><th>val loss</th><th>val acc</th>'
-        f"<th>lr</th><th>seconds</th></tr>{epoch_rows}</table>"
-    )
+    per_class = _per_class_table(metrics)
+    cm_table = _confusion_table(classes, cm)
+    epochs_table = _epochs_table(history)
     cards = [
         (pct(metrics["accuracy"]), "test accuracy"),
         (pct(metrics["top5_accuracy"]), "top-5 accuracy"),

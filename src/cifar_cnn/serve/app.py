@@ -333,19 +333,7 @@ def create_app(
 
     @app.get("/metrics", summary="Request counts and the batch sizes the micro-batcher used")
     async def metrics() -> dict[str, Any]:
-        sizes = batcher.batch_sizes
-        return {
-            "requests": stats.requests,
-            "predictions": stats.predictions,
-            "explanations": stats.explanations,
-            "rejected": {str(k): v for k, v in sorted(stats.rejected.items())},
-            "batches": sum(sizes.values()),
-            "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
-            "max_batch_size_used": max(sizes, default=0),
-            "max_batch": batcher.max_batch,
-            "max_wait_ms": batcher.max_wait * 1000.0,
-            "uptime_s": round(time.time() - stats.started, 3),
-        }
+        return metrics_of(stats, batcher)
 
     async def read_upload(file: UploadFile) -> tuple[str, np.ndarray]:
         """(the file's name, the decoded (3, S, S) uint8 image), or the 4xx both upload routes answer."""
@@ -373,8 +361,39 @@ def create_app(
         stats.predictions += 1
         return {"filename": name, **row}
 
-    if explainer is None:  # ONNX: no gradients, so no /explain (404) and /health says "explain": false
-        return app
+    if explainer is not None:  # ONNX: no gradients, so no /explain (404) and /health says "explain": false
+        add_explain_route(app, explainer, no_gradcam, batcher, stats, reject, read_upload)
+    return app
+
+
+def metrics_of(stats: Stats, batcher: MicroBatcher) -> dict[str, Any]:
+    """What GET /metrics answers."""
+    sizes = batcher.batch_sizes
+    return {
+        "requests": stats.requests,
+        "predictions": stats.predictions,
+        "explanations": stats.explanations,
+        "rejected": {str(k): v for k, v in sorted(stats.rejected.items())},
+        "batches": sum(sizes.values()),
+        "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "max_batch_size_used": max(sizes, default=0),
+        "max_batch": batcher.max_batch,
+        "max_wait_ms": batcher.max_wait * 1000.0,
+        "uptime_s": round(time.time() - stats.started, 3),
+    }
+
+
+def add_explain_route(
+    app: FastAPI,
+    explainer: Explainer,
+    no_gradcam: str | None,
+    batcher: MicroBatcher,
+    stats: Stats,
+    reject: Callable[[int, str], HTTPException],
+    read_upload: Callable[[UploadFile], Any],
+) -> None:
+    """POST /explain: the upload rules of /predict (`read_upload`, `reject`), the map computed on the batcher's
+    forward thread."""
 
     @app.post(
         "/explain",
@@ -401,8 +420,6 @@ def create_app(
         row = await batcher.run(explanation, explainer, image, method, target, top_k)
         stats.explanations += 1
         return {"filename": name, **row}
-
-    return app
 
 
 def serve(
