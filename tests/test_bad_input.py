@@ -13,11 +13,8 @@ import pickle
 import struct
 import tarfile
 import zipfile
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -28,51 +25,21 @@ from PIL import Image
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 
+from . import bad_input_checkpoint, bad_input_data, bad_input_rundir, bad_input_serve
+from .bad_input_kit import (
+    MIB,
+    Case,
+    Env,
+    HttpCase,
+    ckpt_file,
+    good_tree_files,
+    png,
+    png_header_only,
+    streamed_body,
+    upload,
+)
 from .conftest import make_images, make_tar, write_official_batches
 from .model_fixtures import Server
-
-
-@dataclass
-class Env:
-    tmp: Path
-    official: Path  # a good official-format folder
-    run: Path  # a finished run whose files must survive every bad command
-    monkeypatch: pytest.MonkeyPatch  # environment variables a case sets (undone after it)
-
-    def official_with(self, name: str, blob: bytes) -> Path:
-        """A copy of the good official folder with one file replaced."""
-        folder = self.tmp / f"official_{name}_{hashlib.md5(blob).hexdigest()[:8]}"
-        folder.mkdir()
-        for f in self.official.iterdir():
-            (folder / f.name).write_bytes(f.read_bytes())
-        (folder / name).write_bytes(blob)
-        return folder
-
-    def tree(self, files: dict[str, bytes], name: str = "tree") -> Path:
-        root = self.tmp / name
-        for rel, blob in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(blob)
-        return root
-
-    def offline(self, argv: list[str]) -> list[str]:
-        """`argv`, run with HF_HUB_OFFLINE=1 (undone after the test): the hub is never asked."""
-        self.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        return argv
-
-    def train_into_run(self, *args: str) -> list[str]:
-        """A train command aimed at the finished run with --overwrite: bad input must be caught before it is touched."""
-        return ["train", "--out", str(self.run), "--overwrite", "--epochs", "1", "--threads", "1", *args]
-
-
-def png(size: tuple[int, int] = (32, 32), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def good_tree_files(classes=("a", "b")) -> dict[str, bytes]:
-    return {f"{split}/{c}/{i}.png": png() for split in ("train", "test") for c in classes for i in range(2)}
 
 
 def batch(**d) -> bytes:
@@ -115,15 +82,6 @@ def truncated(path: Path, fraction: float = 0.5) -> bytes:
     return blob[: int(len(blob) * fraction)]
 
 
-def ckpt_file(e: Env, name: str, obj=None, blob: bytes | None = None) -> Path:
-    path = e.tmp / name
-    if blob is not None:
-        path.write_bytes(blob)
-    else:
-        torch.save(obj, path)
-    return path
-
-
 def other_classes_data(e: Env) -> Path:
     x, y = make_images(5, num_classes=3)
     return write_official_batches(e.tmp / "three", x, y, x, y, classes=["p", "q", "r"])
@@ -152,8 +110,7 @@ def cifar100_without_meta(e: Env) -> Path:
     return folder
 
 
-Case = tuple[str, str, str, Callable[[Env], list[str]], str]
-CASES: list[Case] = [
+BASE_CASES: list[Case] = [
     (
         "missing-path",
         "data",
@@ -1027,24 +984,7 @@ def hf_folder(e: Env, config: dict) -> Path:
     )
 
 
-MIB = 1024 * 1024  # the catalogue's server runs with --max-upload-mb 1
-
-
-def upload(data: bytes, name: str = "image.png", **params: str) -> dict[str, Any]:
-    """httpx.request arguments for POST /predict with `data` as the multipart `file` field."""
-    return {"files": {"file": (name, data, "application/octet-stream")}, "params": params}
-
-
-def streamed_body(total: int) -> dict[str, Any]:
-    """A multipart body of `total` bytes sent chunked, with no Content-Length for the server to check first."""
-    head = b"--x\r\nContent-Disposition: form-data; name=file; filename=stream.jpg\r\n\r\n"
-    chunks = [head] + [b"0" * 65536] * (total // 65536)
-    return {"content": iter(chunks), "headers": {"content-type": "multipart/form-data; boundary=x"}}
-
-
-# (id, area, what, request builder (httpx.request arguments; POST /predict unless it says), status, message fragment)
-HttpCase = tuple[str, str, str, Callable[[], dict[str, Any]], int, str]
-HTTP_CASES: list[HttpCase] = [
+BASE_HTTP_CASES: list[HttpCase] = [
     (
         "http-not-an-image",
         "http",
@@ -1186,16 +1126,6 @@ HTTP_CASES: list[HttpCase] = [
 ]
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels followed by a tiny IDAT: a decompression bomb in 100 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 def _zip_of(e: Env, files: dict[str, bytes]) -> Path:
     path = e.tmp / "z.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -1277,6 +1207,11 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+AREAS = (bad_input_data, bad_input_serve, bad_input_checkpoint, bad_input_rundir)
+CASES: list[Case] = BASE_CASES + [case for area in AREAS for case in area.CASES]
+HTTP_CASES: list[HttpCase] = BASE_HTTP_CASES + [case for area in AREAS for case in area.HTTP_CASES]
 
 
 def test_catalogue_is_large_and_unique() -> None:
