@@ -306,3 +306,162 @@ def test_the_printed_resume_command_works_from_another_directory(tmp_path: Path,
     run_json = json.loads((here / "run" / "run.json").read_text())
     assert run_json["data_source"]["path"] == str(here / "pictures.zip") and run_json["resumes"] == 1
     assert list(elsewhere.iterdir()) == []  # nothing was written where the command was run
+
+
+# ---- issue 16: one writer per run, signals in every phase -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_test_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 training images and 2,000 test images: with --eval-batch-size 1 the final test takes seconds, and the
+    report's mistake browser draws 2,500 heat maps, so a signal can land inside either phase."""
+    from .conftest import make_images, write_official_batches
+
+    x, y = make_images(10, seed=2)
+    xt, yt = make_images(200, seed=3)
+    return write_official_batches(tmp_path_factory.mktemp("long_test") / "official", x, y, xt, yt)
+
+
+def read_until(proc: subprocess.Popen, fragment: str, timeout: float = 300) -> list[str]:
+    """Lines of the process's stdout up to the first that holds `fragment`."""
+    lines: list[str] = []
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, ("".join(lines), proc.communicate())
+        lines.append(line)
+        if fragment in line:
+            return lines
+    raise AssertionError(f"no line with {fragment!r} in {timeout} s: {''.join(lines)}")
+
+
+def run_as_printed(command: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A command the tool printed, run verbatim through a shell that finds `cifar-cnn` on its PATH."""
+    shim = tmp_path / "bin" / "cifar-cnn"
+    shim.parent.mkdir(exist_ok=True)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cifar_cnn "$@"\n')
+    shim.chmod(0o755)
+    path = f"{shim.parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(
+        command, shell=True, cwd=tmp_path, env={**env(), "PATH": path}, capture_output=True, text=True, timeout=600
+    )
+
+
+def start_training(out: Path, data: Path, *extra: str) -> subprocess.Popen:
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "20", "--threads", "1"]
+    return subprocess.Popen(
+        cli(*args, "--no-progress", "--eval-batch-size", "1", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+
+
+def test_sigterm_during_the_final_test_stops_at_once_and_the_printed_command_finishes(
+    tmp_path: Path, long_test_set: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = start_training(out, long_test_set)
+    read_until(proc, "epoch 1/1")
+    time.sleep(1.0)  # past the last stop check after the epoch line: the test of best.pt has begun
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 5, (time.monotonic() - t0, stderr)
+    assert "Traceback" not in stderr and not (out / "test_metrics.json").exists()
+    said = [line for line in stdout.splitlines() if "SIGTERM received during the final test" in line]
+    assert len(said) == 1 and "training is complete but best.pt is not tested" in said[0], stdout
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert_run_files_whole(out)
+    finished = run_as_printed(said[0].split("finish with: ", 1)[1].strip(), tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert [line for line in finished.stdout.splitlines() if line.startswith("epoch ")] == []  # nothing trained again
+    assert json.loads((out / "test_metrics.json").read_text())["num_images"] == 2000
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert (out / "report" / "index.html").is_file()
+
+
+def test_sigterm_during_the_report_stops_at_once_and_the_printed_command_writes_it(
+    tmp_path: Path, long_test_set: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = start_training(out, long_test_set)
+    read_until(proc, "test accuracy")  # test_metrics.json is written
+    time.sleep(1.0)  # the report has begun
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and time.monotonic() - t0 < 5, (time.monotonic() - t0, stderr)
+    assert "Traceback" not in stderr and (out / "test_metrics.json").is_file()
+    said = [line for line in stdout.splitlines() if "SIGTERM received while writing the report" in line]
+    assert len(said) == 1 and "the run is complete" in said[0], stdout
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert not (out / "report" / "index.html").exists()
+    written = run_as_printed(said[0].split("write the report with: ", 1)[1].strip(), tmp_path)
+    assert written.returncode == 0, written.stderr
+    assert (out / "report" / "index.html").is_file()
+
+
+def test_a_second_training_on_a_running_run_is_refused(tmp_path: Path, official_dir: Path) -> None:
+    """Two `train` on one --out: the second (even with --overwrite) exits 2 naming the first's pid and changes
+    nothing; the run is the first's alone, and its lock file goes when it stops."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        cli("train", "--data", str(official_dir), "--out", str(out), "--no-report", *TRAIN, "--epochs", "500"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    wait_for(out / "last.pt", first)
+    for extra in ([], ["--overwrite"]):
+        second = run("train", "--data", str(official_dir), "--out", str(out), "--epochs", "1", *extra)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1 and f"pid {first.pid} on " in second.stderr, second.stderr
+        assert "is writing this run" in second.stderr
+    assert first.poll() is None, "the first training ended before the second was tried"
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 143, stderr
+    assert yaml_epochs(out) == 500 and json.loads((out / "run.json").read_text())["command_line"][-1] == "500"
+    assert not (out / ".lock").exists()
+
+
+def yaml_epochs(out: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((out / "config.yaml").read_text())["epochs"])
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(
+    tmp_path: Path, official_dir: Path
+) -> None:
+    """--overwrite moves the old run aside only after the first step, and puts it back when the new run fails before
+    its first checkpoint (here a probe raises after the third step); a failure after it marks run.json failed."""
+    from cifar_cnn import resolve_config, train
+
+    from .helpers import quiet
+
+    out = tmp_path / "run"
+    config = resolve_config("seed", None, {"epochs": 2, "batch_size": 50, "device": "cpu", "precision": "fp32"})
+    train(config, str(official_dir), out, log=quiet, threads=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def fail_at(step: int, epochs: int = 0):
+        def probe(model, steps_done: int, steps_per_epoch: int) -> None:
+            if steps_done == epochs * steps_per_epoch + step:
+                raise RuntimeError("the machine caught fire")
+
+        return probe
+
+    messages: list[str] = []
+    with pytest.raises(RuntimeError, match="caught fire"):
+        train(config, str(official_dir), out, overwrite=True, log=messages.append, threads=1, probe=fail_at(3))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert any("is back in place" in m for m in messages), messages
+    with pytest.raises(RuntimeError, match="caught fire"):  # in the second epoch: after the first checkpoint
+        train(config, str(official_dir), out, overwrite=True, log=quiet, threads=1, probe=fail_at(1, epochs=1))
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "failed" and run_json["error"] == "the machine caught fire"
+    assert metrics_epochs(out) == [1] and not (out / ".previous-run").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +14,23 @@ import pytest
 from cifar_cnn.data import DataSource, check_same_data
 from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.rundir import (
+    LOCK,
     METRICS_HEADER,
+    PREVIOUS,
     RUN_FILES,
+    RunLock,
     RunPaths,
     check_out_dir,
+    drop_previous_run,
+    move_previous_run_aside,
     pick_checkpoint,
-    prepare_out_dir,
     read_metrics,
     read_run_json,
     recorded_fingerprint,
     recorded_source,
+    replaces_a_run,
     resolve_source,
+    restore_previous_run,
     write_metrics_csv,
     write_run_json,
 )
@@ -55,19 +63,84 @@ def test_metrics_csv_round_trip_with_empty_cells(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "none.csv") == []
 
 
-def test_out_dir_checks_and_overwrite(tmp_path: Path) -> None:
+def test_out_dir_checks(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
+    check_out_dir(out, resume=None, overwrite=False)  # empty
+    (out / LOCK).write_text("pid 1")  # a lock a killed start left is not a run
+    check_out_dir(out, resume=None, overwrite=False)
     (out / "notes.txt").write_text("mine")
     (out / "best.pt").write_text("old")
     with pytest.raises(CifarCnnError, match=r"folder is not empty; pass --resume .*last\.pt"):
-        check_out_dir(out, resume=False, overwrite=False)
+        check_out_dir(out, resume=None, overwrite=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(CifarCnnError, match="exists and is not a folder"):
-        check_out_dir(tmp_path / "file", resume=False, overwrite=True)
-    prepare_out_dir(out, resume=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only run files are removed
-    assert prepare_out_dir(tmp_path / "new" / "run", resume=False, overwrite=False).root.is_dir()
+        check_out_dir(tmp_path / "file", resume=None, overwrite=True)
+    check_out_dir(out, resume=out / "last.pt", overwrite=False)  # its own run
+    with pytest.raises(CifarCnnError, match=r"holds another run, not the one .*other.last\.pt belongs to"):
+        check_out_dir(out, resume=tmp_path / "other" / "last.pt", overwrite=False)
+    check_out_dir(out, resume=tmp_path / "other" / "last.pt", overwrite=True)
+    assert replaces_a_run(out, resume=tmp_path / "other" / "last.pt", overwrite=True)
+    assert not replaces_a_run(out, resume=out / "last.pt", overwrite=True)  # continuing it replaces nothing
+    assert not replaces_a_run(out, resume=None, overwrite=False)
+
+
+def test_previous_run_moved_aside_and_back(tmp_path: Path) -> None:
+    paths = RunPaths(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "best.pt").write_text("old best")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("old page")
+    assert move_previous_run_aside(paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREVIOUS, "notes.txt"]  # only run files move
+    (tmp_path / "best.pt").write_text("new best")
+    (tmp_path / "config.yaml").write_text("new")
+    restore_previous_run(paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "notes.txt", "report"]
+    assert (tmp_path / "best.pt").read_text() == "old best"
+    assert (tmp_path / "report" / "index.html").read_text() == "old page"
+    assert move_previous_run_aside(paths)
+    drop_previous_run(paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert not move_previous_run_aside(paths)  # nothing to move
+
+
+def test_run_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "run"
+    messages: list[str] = []
+    with RunLock(out, messages.append):
+        assert f"pid {os.getpid()}" in (out / LOCK).read_text()
+        holder = subprocess.run(
+            [sys.executable, "-c", LOCK_FROM_ANOTHER_PROCESS, str(out)], capture_output=True, text=True, timeout=60
+        )
+        assert holder.returncode == 2 and f"pid {os.getpid()} on " in holder.stdout, holder
+        assert "is writing this run" in holder.stdout
+    assert not out.exists()  # created for the run, nothing written: removed again
+    out.mkdir(parents=True)
+    (out / LOCK).write_text("pid 999999 on elsewhere since yesterday\n")  # left by a killed process
+    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / PREVIOUS).mkdir()
+    (out / PREVIOUS / "best.pt").write_text("the replaced run")
+    (out / "best.pt").write_text("the killed new run")
+    with RunLock(out, messages.append):
+        pass
+    assert any("taking over the lock of pid 999999" in m for m in messages), messages
+    assert any("removed 1 temporary file" in m for m in messages), messages
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt"]
+    assert (out / "best.pt").read_text() == "the replaced run"
+
+
+LOCK_FROM_ANOTHER_PROCESS = """
+import sys
+from pathlib import Path
+from cifar_cnn.errors import CifarCnnError
+from cifar_cnn.rundir import RunLock
+try:
+    RunLock(Path(sys.argv[1])).acquire()
+except CifarCnnError as exc:
+    print(exc)
+    sys.exit(2)
+"""
 
 
 def test_pick_checkpoint(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -45,6 +45,17 @@ class TrainProgress(Protocol):
     def step(self, step: int, totals: EpochTotals) -> None: ...
 
     def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class StopRequest(Protocol):
+    """What `engine.train(should_stop=...)` may be beyond a callable: training polls it after every step; when
+    training is over (calibration, the final test, the report poll nothing) the engine calls `at_once()`, and from
+    then on a stop request raises cifar_cnn.errors.Stopped where the program is."""
+
+    def __call__(self) -> bool: ...
+
+    def at_once(self) -> None: ...
 
 
 class Observers:

@@ -10,32 +10,43 @@ run's data source. The engine writes through it; report, export, bench, tune and
     run.json           provenance: versions, git commit, device, precision, threads, times, command line, data source
     report/            plots and index.html (cifar_cnn.report)
     tensorboard/       event files (--tensorboard)
+    .lock              held by the one process writing the run (RunLock); left behind only by a killed one
+    .previous-run/     with --overwrite, the replaced run until the new one's first checkpoint (then deleted; put
+                       back if the new run fails or was killed before it)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import fcntl
 import io
 import json
+import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, fsync_dir
 from .data.load import DEFAULT_SOURCE, DataSource
 from .errors import CifarCnnError
 from .version import __version__
 
 CONFIG, METRICS, BEST, LAST = "config.yaml", "metrics.csv", "best.pt", "last.pt"
 TEST_METRICS, RUN_JSON, REPORT_DIR, TENSORBOARD_DIR = "test_metrics.json", "run.json", "report", "tensorboard"
-RUN_FILES = (CONFIG, METRICS, BEST, LAST, TEST_METRICS, RUN_JSON)  # what --overwrite removes before a new run
+RUN_FILES = (CONFIG, METRICS, BEST, LAST, TEST_METRICS, RUN_JSON)  # what --overwrite moves aside for a new run
+RUN_ENTRIES = (*RUN_FILES, REPORT_DIR, TENSORBOARD_DIR)
+LOCK, PREVIOUS = ".lock", ".previous-run"
 METRICS_HEADER = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
@@ -81,28 +92,150 @@ class RunPaths:
 # ---- creating it ----------------------------------------------------------------------------------------------------
 
 
-def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless resuming or told to overwrite. Changes nothing."""
+def holds_a_run(out: Path) -> bool:
+    """Whether the folder holds anything besides the lock file (a lock alone is what a killed start left)."""
+    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+
+
+def check_out_dir(out: Path, *, resume: str | Path | None, overwrite: bool) -> None:
+    """Refuse a file; a non-empty folder unless told to overwrite, or resuming the checkpoint `resume` of that very
+    folder (resuming into another run's folder would mix two runs). Changes nothing."""
     if out.exists() and not out.is_dir():
         raise CifarCnnError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    if not holds_a_run(out) or overwrite:
+        return
+    if resume is None:
         raise CifarCnnError(
             f"--out {out}: folder is not empty; pass --resume {out / LAST} to continue that run, "
             "--overwrite to replace it, or choose another --out"
         )
+    if out.resolve() != Path(resume).resolve().parent:
+        raise CifarCnnError(
+            f"--out {out}: holds another run, not the one {resume} belongs to; choose an empty --out, leave --out "
+            f"out to continue in {Path(resume).parent}, or pass --overwrite to replace {out}"
+        )
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> RunPaths:
-    """Create the run directory (after everything else was checked, so bad input never touches an old run)."""
-    check_out_dir(out, resume=resume, overwrite=overwrite)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CifarCnnError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    if overwrite and not resume:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    return RunPaths(out)
+class RunLock:
+    """One writer per run directory: an exclusive flock on RUN_DIR/.lock, held for the life of the run.
+
+    The kernel drops the lock when its process dies, however it dies, so a lock file left by a killed run is taken
+    over (with a message) and one held by a live process refuses the second writer with its pid. Holding the lock,
+    the owner cleans what a killed writer left: temporary files of interrupted atomic writes, and a replaced run
+    (.previous-run) that a killed --overwrite had not yet let go of. The folder is created here when missing, and
+    removed again on release when nothing was written into it.
+    """
+
+    def __init__(self, root: Path, log: Callable[[str], None] = print) -> None:
+        self.root, self.log = Path(root), log
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> RunLock:
+        if self.root.exists() and not self.root.is_dir():
+            raise CifarCnnError(f"--out {self.root}: exists and is not a folder")
+        self.created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CifarCnnError(f"--out {self.root}: cannot create the folder ({exc.strerror or exc})") from None
+        while self.fd is None:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                self.release()
+                raise CifarCnnError(
+                    f"--out {self.root}: {holder} is writing this run; wait for it to finish, stop it, or choose "
+                    "another --out"
+                ) from None
+            if self._same_file(fd):  # not unlinked by a releasing owner between our open and our flock
+                self.fd = fd
+            else:
+                os.close(fd)
+        stale = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip()
+        if stale:
+            self.log(f"{self.root}: taking over the lock of {stale}, which is no longer running")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
+        self._clean_after_a_kill()
+        return self
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.stat(self.root / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _clean_after_a_kill(self) -> None:
+        leftovers = [p for p in self.root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        if leftovers:
+            self.log(f"{self.root}: removed {len(leftovers)} temporary file(s) of writes a killed run left unfinished")
+        if (self.root / PREVIOUS).is_dir():
+            restore_previous_run(RunPaths(self.root))
+            self.log(
+                f"{self.root}: a run started with --overwrite was killed before its first checkpoint; the run it "
+                "was replacing is back in place"
+            )
+
+    def release(self) -> None:
+        if self.fd is not None:
+            (self.root / LOCK).unlink(missing_ok=True)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+        if self.created and self.root.is_dir() and not any(self.root.iterdir()):
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def move_previous_run_aside(paths: RunPaths) -> bool:
+    """--overwrite: move the run files (and report/, tensorboard/) into .previous-run/; other files stay. Returns
+    whether there was anything to move. Renames within the folder: instant, and undone by restore_previous_run."""
+    entries = [name for name in RUN_ENTRIES if (paths.root / name).exists()]
+    if not entries:
+        return False
+    aside = paths.root / PREVIOUS
+    aside.mkdir()
+    for name in entries:
+        os.replace(paths.root / name, aside / name)
+    fsync_dir(paths.root)
+    return True
+
+
+def restore_previous_run(paths: RunPaths) -> None:
+    """Put back the run moved aside, removing what the new run had written in its place."""
+    aside = paths.root / PREVIOUS
+    for name in RUN_ENTRIES:
+        target = paths.root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        if (aside / name).exists():
+            os.replace(aside / name, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(paths.root)
+
+
+def drop_previous_run(paths: RunPaths) -> None:
+    """The new run has its first checkpoint: the replaced one goes for good."""
+    shutil.rmtree(paths.root / PREVIOUS, ignore_errors=True)
+
+
+def replaces_a_run(out: Path, *, resume: str | Path | None, overwrite: bool) -> bool:
+    """Whether starting in `out` replaces another run there (--overwrite, and not resuming that very run)."""
+    own = resume is not None and out.resolve() == Path(resume).resolve().parent
+    return overwrite and not own and holds_a_run(out)
 
 
 def pick_checkpoint(run_dir: str | Path) -> Path:

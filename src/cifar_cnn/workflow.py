@@ -14,7 +14,7 @@ from typing import IO, Any
 from .config import TrainConfig
 from .data import DataSource
 from .engine import TrainResult, train
-from .errors import CifarCnnError
+from .errors import CifarCnnError, Stopped
 from .hooks import Observers
 from .progress import ProgressBar, TensorBoardLogger
 from .rundir import RunPaths
@@ -22,11 +22,14 @@ from .rundir import RunPaths
 
 class StopOnSignal:
     """Ctrl-C or SIGTERM during training: finish the current step, save a resumable checkpoint and exit.
-    A second Ctrl-C exits at once (checkpoints are written atomically, so nothing is left half-written)."""
+    A second Ctrl-C exits at once (checkpoints are written atomically, so nothing is left half-written). Once training
+    is over (`at_once()`: calibration, the final test and the report poll nothing) a signal raises
+    cifar_cnn.errors.Stopped at once, so a supervisor's grace period is never outlasted."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.signum: int | None = None
         self.stream = stream
+        self.immediate = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignal:
@@ -39,15 +42,24 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.immediate:
+            self.signum = signum
+            raise Stopped(signum, name)
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
         print(
-            f"cifar-cnn: {signal.Signals(signum).name} received: stopping after the current step and saving a "
-            "checkpoint (Ctrl-C again to quit at once)",
+            f"cifar-cnn: {name} received: stopping after the current step and saving a checkpoint (Ctrl-C again to "
+            "quit at once)",
             file=self.stream or sys.stderr,
             flush=True,
         )
+
+    def at_once(self) -> None:
+        self.immediate = True
+        if self.signum is not None:  # arrived after the last poll
+            raise Stopped(self.signum, signal.Signals(self.signum).name)
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -118,8 +130,8 @@ def train_and_report(
     board = TensorBoardLogger(RunPaths(Path(out)).tensorboard) if tensorboard else None
     observers = Observers([bar, board])
     stop = StopOnSignal() if handle_signals else None
-    try:
-        with stop if stop is not None else contextlib.nullcontext():
+    with stop if stop is not None else contextlib.nullcontext():
+        try:
             result = train(
                 config,
                 data,
@@ -133,18 +145,25 @@ def train_and_report(
                 should_stop=stop,
                 progress=observers if observers.observers else None,
             )
-    except BaseException:
+        except BaseException:
+            if board is not None:
+                board.close()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         if board is not None:
-            board.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if board is not None:
-        board.finish(result.test_metrics)
-        log(f"tensorboard: tensorboard --logdir {board.log_dir.absolute()}")
-    if report and not result.interrupted:
-        result.extra["report"] = write_report(out, data, config, result, threads, log)
+            board.finish(result.test_metrics)
+            log(f"tensorboard: tensorboard --logdir {board.log_dir.absolute()}")
+        if report and not result.interrupted:
+            try:
+                result.extra["report"] = write_report(out, data, config, result, threads, log)
+            except Stopped as stopped:
+                log(
+                    f"{stopped} while writing the report: the run is complete (test_metrics.json is written); "
+                    f"write the report with: cifar-cnn report {Path(out).absolute()}"
+                )
+                return result, stopped.exit_code
     if result.interrupted and stop is not None:
         return result, stop.exit_code
     return result, 1 if result.get("skipped_images") else 0  # images left out with --skip-bad

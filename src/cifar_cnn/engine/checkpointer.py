@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ class Checkpointer:
 
     def __init__(self, paths: RunPaths, state: RunState) -> None:
         self.paths, self.state = paths, state
+        self.on_saved: Callable[[], None] | None = None  # told after every checkpoint (the run's files follow it)
         data, config = state.data, state.config
         self.common = dict(
             model=model_spec(config.model, dict(config.model_args), state.model),
@@ -77,6 +79,11 @@ class Checkpointer:
     def save_interrupted(self, epoch: int, next_step: int, totals: EpochTotals) -> None:
         """last.pt saved inside an epoch, with the position and the epoch's running totals."""
         save_checkpoint(self.paths.last, self.payload(epoch, next_step, {}, "interrupted inside an epoch", totals))
+        self._saved()
+
+    def _saved(self) -> None:
+        if self.on_saved is not None:
+            self.on_saved()
 
     def save_epoch_end(self, epoch: int, metrics: dict[str, Any], improved: bool) -> None:
         """After epoch `epoch` (1-based, completed): best.pt when validation improved (every epoch without a
@@ -89,3 +96,4 @@ class Checkpointer:
             note = "final weights (no validation split)"
             save_checkpoint(self.paths.best, self.payload(epoch, 0, metrics, note, None, True))
         save_checkpoint(self.paths.last, self.payload(epoch, 0, metrics, "end of epoch", None))
+        self._saved()

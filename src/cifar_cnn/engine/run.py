@@ -3,6 +3,7 @@ and stop requests called explicitly after every step), validate, checkpoint, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,17 +24,21 @@ from ..checkpoint import load_checkpoint
 from ..config import TrainConfig, to_yaml
 from ..data import DataSource
 from ..device import resolve_device, set_threads, tune_allocator
-from ..errors import CifarCnnError
+from ..errors import CifarCnnError, Stopped
 from ..evaluate import EvalResult, evaluate_checkpoint, predict_logits
-from ..hooks import EpochTotals, TrainProgress
+from ..hooks import EpochTotals, StopRequest, TrainProgress
 from ..rundir import (
     METRICS_HEADER,
+    RunLock,
     RunPaths,
     check_out_dir,
+    drop_previous_run,
+    move_previous_run_aside,
     now,
-    prepare_out_dir,
     provenance,
     read_run_json,
+    replaces_a_run,
+    restore_previous_run,
     write_metrics_csv,
     write_run_json,
 )
@@ -96,8 +101,15 @@ class StepHooks:
     ) -> None:
         self.state, self.progress, self.probe, self.should_stop = state, progress, probe, should_stop
         self.epoch = 0
+        self.first_step: Callable[[], None] | None = None  # called once, after the run's first step
 
     def after_step(self, step: int, totals: EpochTotals) -> bool:
+        if self.first_step is not None:
+            first, self.first_step = self.first_step, None
+            first()
+        return self._after_step(step, totals)
+
+    def _after_step(self, step: int, totals: EpochTotals) -> bool:
         s = self.state
         if s.ema is not None:
             s.ema.update(s.model)
@@ -354,57 +366,153 @@ def train(
     tune_allocator()
     ckpt = load_checkpoint(resume) if resume else None
     dist = distributed.init_from_env(resolve_device(config.device))  # torchrun: join the group; else one process
-    if dist.is_main:
-        check_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
-    else:  # only rank 0 speaks and writes
+    if not dist.is_main:  # only rank 0 speaks and writes
         log, progress, probe = (lambda _: None), None, None
-    if threads is None and ckpt is not None and ckpt.get("threads"):
-        # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
-        threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
-    set_threads(threads)
-    state = build_run_state(config, data, dist, ckpt=ckpt, resume=resume, home=home, threads=threads, log=log)
-    paths = (
-        prepare_out_dir(Path(out), resume=ckpt is not None, overwrite=overwrite)
-        if dist.is_main
-        else RunPaths(Path(out))
-    )
-    run = start_run_json(state, paths, resume, command)
-    if dist.is_main:
-        atomic_write_text(paths.config, to_yaml(config))
-        write_run_json(paths.run_json, run)
-        write_metrics_csv(paths.metrics, state.history)  # on resume: cut back to the checkpoint's epoch
-    log_start(state, resume, log)
+    with RunLock(Path(out), log) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:
+            check_out_dir(Path(out), resume=resume, overwrite=overwrite)
+        if threads is None and ckpt is not None and ckpt.get("threads"):
+            # the same thread count as before keeps float reductions in the same order: a bit-identical continuation
+            threads = min(int(ckpt["threads"]), os.cpu_count() or 1)
+        set_threads(threads)
+        state = build_run_state(config, data, dist, ckpt=ckpt, resume=resume, home=home, threads=threads, log=log)
+        paths = RunPaths(Path(out))
+        files = RunFiles(paths, state, start_run_json(state, paths, resume, command), log, dist.is_main)
+        files.replacing = dist.is_main and replaces_a_run(Path(out), resume=resume, overwrite=overwrite)
+        files.evaluate_test = evaluate_test
+        log_start(state, resume, log)
+        try:
+            result = _fit_and_test(state, files, dist, progress, probe, should_stop, home, log, started)
+        except BaseException as exc:
+            files.failed(exc)
+            if not files.begun and isinstance(exc, (RuntimeError, ValueError)):  # the first step failed
+                raise first_step_error(exc, paths) from None
+            raise
+        result.seconds = round(time.perf_counter() - started, 3)
+        if dist.is_main:
+            files.finish(result)
+        dist.finish()
+        return result
 
+
+def _fit_and_test(
+    state: RunState,
+    files: RunFiles,
+    dist: Any,
+    progress: TrainProgress | None,
+    probe: Probe | None,
+    should_stop: Callable[[], bool] | None,
+    home: Path | None,
+    log: Callable[[str], None],
+    started: float,
+) -> TrainResult:
+    """Fit, then (rank 0, not interrupted) calibrate and test best.pt. The run's files are begun after the first
+    optimizer step (RunFiles.begin), so input that fails only once training starts leaves the folder as it was."""
+    config, paths = state.config, files.paths
     hooks = StepHooks(state, progress, probe, dist.agreed(should_stop))  # every rank stops at the same step
+    hooks.first_step = files.begin
     if progress is not None and hasattr(progress, "run_start"):
         progress.run_start(state)
-    interrupted = fit(state, Checkpointer(paths, state), hooks, log)
+    checkpointer = Checkpointer(paths, state)
+    checkpointer.on_saved = files.checkpointed
+    interrupted = fit(state, checkpointer, hooks, log)
+    files.begin()  # a run resumed at its very end takes no step
     result = TrainResult(str(paths.root), interrupted, state.history)
     if state.data.skipped:
         result.extra["skipped_images"] = len(state.data.skipped)
     if state.stopped_early:
         result.extra["stopped_early_after_epoch"] = state.stopped_early
-    if not dist.is_main:
-        dist.finish()
+    if interrupted or not dist.is_main:
         return result
-    if not interrupted and config.calibrate:
-        calibrate_checkpoint(
-            paths.best,
-            state.data.source,
-            device=config.device,
-            batch_size=config.eval_batch_size,
-            home=home,
-            splits=state.data.splits,
-            log=log,
-        )
-    if not interrupted and evaluate_test:
-        result.test = test_best(state, paths, home)
+    try:
+        if isinstance(should_stop, StopRequest):
+            should_stop.at_once()  # nothing polls from here on: a signal stops the command where it is
+        if config.calibrate:
+            calibrate_checkpoint(
+                paths.best,
+                state.data.source,
+                device=config.device,
+                batch_size=config.eval_batch_size,
+                home=home,
+                splits=state.data.splits,
+                log=log,
+            )
+        if files.evaluate_test:
+            result.test = test_best(state, paths, home)
+            log(
+                f"test accuracy {_fmt(result.test.accuracy, True)} (loss {result.test.metrics['loss']:.4f}, tta "
+                f"{result.test.metrics['tta']}) with {paths.best}, {time.perf_counter() - started:.1f}s in all"
+            )
+    except Stopped as stopped:
+        result.interrupted = True
         log(
-            f"test accuracy {_fmt(result.test.accuracy, True)} (loss {result.test.metrics['loss']:.4f}, tta "
-            f"{result.test.metrics['tta']}) with {paths.best}, {time.perf_counter() - started:.1f}s in all"
+            f"{stopped} during the final {'calibration' if config.calibrate and result.test is None else 'test'}: "
+            f"training is complete but best.pt is not tested; finish with: {resume_hint(paths)}"
         )
-    result.seconds = round(time.perf_counter() - started, 3)
-    run.update(end_time=now(), status="interrupted" if interrupted else "finished", seconds=result.seconds)
-    write_run_json(paths.run_json, run)
-    dist.finish()
     return result
+
+
+def first_step_error(exc: BaseException, paths: RunPaths) -> CifarCnnError:
+    """A value that fails only once training starts (torch rejects a shape, a size, a width) as a one-line error: the
+    run directory is as it was, since nothing is written before the first step."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first if len(first) <= 200 else first[:200] + "..."
+    return CifarCnnError(
+        f"the first training step failed ({type(exc).__name__}: {first}); check the config values this names "
+        f"(--print-config shows them all); nothing in {paths.root} was changed"
+    )
+
+
+class RunFiles:
+    """What train() writes into the run directory besides checkpoints, and when.
+
+    Nothing is written before the first optimizer step has run (`begin`): bad values that fail only once training
+    starts leave the folder as it was. A run that replaces another (--overwrite) moves it aside at `begin`, deletes it
+    at its first checkpoint (`checkpointed`) and puts it back if it fails before (`failed`). A run that fails later is
+    marked `failed` in run.json, with the error.
+    """
+
+    def __init__(
+        self, paths: RunPaths, state: RunState, run: dict[str, Any], log: Callable[[str], None], writes: bool
+    ) -> None:
+        self.paths, self.state, self.run, self.log, self.writes = paths, state, run, log, writes
+        self.replacing = False
+        self.begun = False
+        self.aside = False
+        self.evaluate_test = True
+
+    def begin(self) -> None:
+        if self.begun or not self.writes:
+            return
+        self.begun = True
+        if self.replacing:
+            self.aside = move_previous_run_aside(self.paths)
+        atomic_write_text(self.paths.config, to_yaml(self.state.config))
+        write_run_json(self.paths.run_json, self.run)
+        write_metrics_csv(self.paths.metrics, self.state.history)  # on resume: cut back to the checkpoint's epoch
+
+    def checkpointed(self) -> None:
+        if self.aside:
+            drop_previous_run(self.paths)
+            self.aside = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.begun:
+            return
+        if self.aside:
+            restore_previous_run(self.paths)
+            self.aside = False
+            self.log(
+                f"the new run failed before its first checkpoint; the run it was replacing in {self.paths.root} "
+                "is back in place"
+            )
+            return
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        self.run.update(end_time=now(), status="failed", error=first)
+        write_run_json(self.paths.run_json, self.run)
+
+    def finish(self, result: TrainResult) -> None:
+        self.run.update(
+            end_time=now(), status="interrupted" if result.interrupted else "finished", seconds=result.seconds
+        )
+        write_run_json(self.paths.run_json, self.run)

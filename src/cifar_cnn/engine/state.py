@@ -172,6 +172,11 @@ def load_run_data(
         given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
     splits = make_splits(ds, config.val_split, config.seed, config.subset or None, config.calibration_holdout())
+    if len(splits.train_labels) == 0:  # before anything is computed from the (empty) training split
+        raise CifarCnnError(
+            f"val_split {config.val_split} holds out all {len(splits.val_labels)} training images for validation, "
+            "leaving none to train on: lower --val-split"
+        )
     mean, std, stats_from = presets.resolve_normalization(config, splits.classes, splits.train_images, record)
     return RunData(source, fingerprint, splits, input_size, mean, std, stats_from, list(ds.skipped))
 
@@ -217,7 +222,10 @@ def build_loader(config: TrainConfig, data: RunData, precision: str, device: tor
             **common,
         )
     if len(loader) == 0:
-        raise CifarCnnError(f"batch_size {config.batch_size} is larger than the {len(labels)} training images")
+        raise CifarCnnError(
+            f"batch_size {config.batch_size} is larger than the {len(labels)} training images and drop_last drops "
+            f"the one incomplete batch: use --batch-size {len(labels)} or less, or --no-drop-last"
+        )
     if config.accum_steps > len(loader):
         raise CifarCnnError(
             f"accum_steps {config.accum_steps} is more than the {len(loader)} batches of an epoch ({len(labels)} "
@@ -301,6 +309,15 @@ def restore_position(state: RunState, ckpt: dict[str, Any], resume: str | Path |
         torch.cuda.set_rng_state(ckpt["rng_state"]["cuda"], state.device)
 
 
+def check_augment_fits(config: TrainConfig, size: int) -> None:
+    """Augmentation values the images are too small for (found here, before anything is trained or written)."""
+    if config.translate >= size:
+        raise CifarCnnError(
+            f"translate {config.translate}: shifts must be smaller than the {size}-pixel images; use at most "
+            f"{max(size // 8, 1)} or so (config key translate)"
+        )
+
+
 def build_run_state(
     config: TrainConfig,
     data: str | DataSource | None,
@@ -317,6 +334,7 @@ def build_run_state(
     precision = resolve_precision(config.precision, device)
     channels_last = config.channels_last and precision != "fp32"
     run_data = load_run_data(config, data, ckpt, resume, home=home, threads=threads, log=log)
+    check_augment_fits(config, run_data.input_size)
     loader = build_loader(config, run_data, precision, device, dist)
     model, transferred = build_model(config, run_data, lambda: _images_of(loader), ckpt, resume, log)
     model = dist.prepare_model(model, device)

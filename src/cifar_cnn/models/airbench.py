@@ -67,9 +67,9 @@ class AirNet(nn.Module):
         head_scale: float = 1 / 256,
     ) -> None:
         super().__init__()
-        if depth < 1 or not widths:
-            raise ValueError(f"depth must be >= 1 and widths non-empty, got depth={depth}, widths={widths}")
         widths = tuple(int(w) for w in widths)
+        if depth < 1 or not widths or min(widths) < 1:
+            raise ValueError(f"depth and every width must be >= 1, got depth={depth}, widths={widths}")
         self.head_scale = head_scale
         c0 = 2 * 3 * whiten_kernel**2  # each whitening filter and its negative (GELU then keeps both signs)
         self.whiten = nn.Conv2d(3, c0, whiten_kernel, bias=True)
