@@ -132,3 +132,113 @@ def test_accumulation_freezing_and_mixing_under_torchrun_match_one_process(tmp_p
     for key, value in b["model_state"].items():
         torch.testing.assert_close(a["model_state"][key], value, rtol=1e-4, atol=1e-5)
     assert "training the head alone" in done.stdout and "the whole network trains" in done.stdout
+
+
+# ---- several nodes (issue 17): two torchrun agents on 127.0.0.1, one process each --------------------------------
+
+
+def _node_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+
+
+def _nodes(form: str, args: list[str]) -> list[subprocess.Popen]:
+    """Two torchrun agents started as separate nodes of one job, with the same command: the static form (--node_rank
+    and a master address) or the c10d rendezvous (an endpoint and a job id; torchrun assigns the ranks)."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+        if form == "static":
+            launch += ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        else:
+            launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job17"]
+        procs.append(
+            subprocess.Popen(
+                [*launch, "-m", "cifar_cnn", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_node_env(),
+            )
+        )
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append((proc.returncode, out, err))
+    return results
+
+
+MULTI_NODE = ["--batch-size", "32", "--subset", "200", "--dropout", "0", "--lr", "0.05", "--momentum", "0.9"]
+MULTI_NODE += ["--precision", "fp32", "--device", "cpu", "--threads", "1", "--no-progress", "--no-report"]
+
+
+@pytest.mark.parametrize("form", ["static", "c10d"])
+def test_two_nodes_train_like_one_process_and_resume(tmp_path: Path, official_dir: Path, form: str) -> None:
+    """Both nodes get the same command and the same --out (a shared folder): only rank 0 checks, creates and writes
+    it. One epoch, then a resume to two under two nodes again: the weights equal one process's two epochs."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    common = ["--data", str(official_dir), *MULTI_NODE]
+    for rc, _out, err in _finish(_nodes(form, ["train", *common, "--epochs", "1", "--out", str(ddp)])):
+        assert rc == 0, err[-3000:]
+    resume = ["train", "--resume", str(ddp / "last.pt"), "--data", str(official_dir), "--epochs", "2", "--no-report"]
+    results = _finish(_nodes(form, resume))
+    for rc, _out, err in results:
+        assert rc == 0, err[-3000:]
+    said = [line for _, out, _ in results for line in out.splitlines() if line.startswith("epoch 2/2")]
+    assert len(said) == 1, results  # rank 0 alone speaks
+    one = run_cli("train", *common, "--epochs", "2", "--out", str(single))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_checkpoint(ddp / "last.pt"), load_checkpoint(single / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 10
+    for key, value in b["model_state"].items():
+        torch.testing.assert_close(a["model_state"][key], value, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    run = json.loads((ddp / "run.json").read_text())
+    assert run["distributed"] == {"world_size": 2, "backend": "gloo"} and run["resumes"] == 1
+
+
+@pytest.mark.parametrize("fate", ["killed", "frozen"])
+def test_a_lost_node_stops_the_other_with_one_line_and_the_run_resumes(
+    tmp_path: Path, official_dir: Path, fate: str
+) -> None:
+    """Node 1 killed (kill -9 of its agent and its worker) or frozen (SIGSTOP: its sockets stay open, so only the
+    timeout can tell) mid-run: node 0's worker stops within 60 s with a one-line error that says what happened and how
+    to resume; last.pt is intact, and the printed command resumes it."""
+    import signal
+    import time
+
+    ddp = tmp_path / "ddp"
+    args = ["train", "--data", str(official_dir), *MULTI_NODE, "--epochs", "200", "--out", str(ddp)]
+    procs = _nodes("static", [*args, "--dist-timeout", "20"])
+    t0 = time.time()
+    while not (ddp / "last.pt").exists():
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    time.sleep(1.0)
+    how = "-KILL" if fate == "killed" else "-STOP"
+    subprocess.run(["pkill", how, "-P", str(procs[1].pid)], check=False)  # node 1's worker
+    procs[1].send_signal(signal.SIGKILL if fate == "killed" else signal.SIGSTOP)  # and its agent
+    lost = time.time()
+    try:
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(procs[1].pid)], check=False)
+        procs[1].kill()
+        procs[1].communicate()
+    assert time.time() - lost < 60, time.time() - lost
+    assert procs[0].returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("cifar-cnn: error:")]
+    assert len(ours) == 1 and "lost contact with" in ours[0], err
+    assert "Traceback" not in err.split(ours[0])[0], err  # torchrun's own report of the failed worker may follow
+    command = ours[0].split("resume with: ", 1)[1].strip()
+    assert command == f"cifar-cnn train --resume {ddp / 'last.pt'}"
+    epoch = load_checkpoint(ddp / "last.pt")["epoch"]
+    assert 1 <= epoch < 200
+    resumed = run_cli("train", "--resume", str(ddp / "last.pt"), "--epochs", str(epoch + 1), "--no-report")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(ddp / "last.pt")["epoch"] == epoch + 1

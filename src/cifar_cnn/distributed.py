@@ -39,7 +39,7 @@ from torch import nn
 from .data.pipeline import TensorLoader, derived_generator
 from .errors import CifarCnnError
 
-TIMEOUT_MINUTES = 30  # how long a rank waits for the others (rank 0 validating and testing, a slow node)
+TIMEOUT_SECONDS = 1800.0  # how long a rank waits for the others (rank 0 validating and testing, a slow node)
 
 
 def env_world_size() -> int:
@@ -165,10 +165,12 @@ def context() -> DistContext:
     return DistContext()
 
 
-def init_from_env(device: torch.device) -> DistContext:
+def init_from_env(device: torch.device, timeout: float | None = None) -> DistContext:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
 
-    Without torchrun (WORLD_SIZE unset or 1) nothing happens. The group is destroyed when the process exits.
+    Without torchrun (WORLD_SIZE unset or 1) nothing happens. `timeout` (seconds, default TIMEOUT_SECONDS) bounds every
+    wait for the other processes: a node that hangs stops the others with an error instead of a hang. The group is
+    destroyed when the process exits.
     """
     if tdist.is_available() and tdist.is_initialized():
         return context()
@@ -187,9 +189,27 @@ def init_from_env(device: torch.device) -> DistContext:
             )
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, timeout=dt.timedelta(minutes=TIMEOUT_MINUTES))
+    tdist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout or TIMEOUT_SECONDS))
     atexit.register(shutdown)
     return dataclasses.replace(context(), owns_group=True)
+
+
+LOST_CONTACT = ("connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe", "gloo")
+
+
+def lost_contact(exc: BaseException, dist: DistContext) -> CifarCnnError | None:
+    """The one-line error for a collective that failed because another process died, hung or left (a killed node);
+    None for any other exception."""
+    if not dist.active or not isinstance(exc, RuntimeError):  # torch's DistError is a RuntimeError
+        return None
+    text = str(exc).strip()
+    if not isinstance(exc, tdist.DistError) and not any(k in text.lower() for k in LOST_CONTACT):
+        return None
+    first = (text.splitlines() or [type(exc).__name__])[0]
+    return CifarCnnError(
+        f"rank {dist.rank} of {dist.world_size} lost contact with the other processes ({first[:160]}); a node "
+        "died, hung past --dist-timeout or left"
+    )
 
 
 def shutdown() -> None:

@@ -114,6 +114,7 @@ def train_and_report(
     command: list[str] | None = None,
     home: Path | None = None,
     handle_signals: bool = True,
+    dist_timeout: float | None = None,
 ) -> tuple[TrainResult, int]:
     """Train with a progress bar (or plain lines) on `stream`, optional TensorBoard event files, then the report.
     Returns (the result, the exit code: 0; 1 when label rows were skipped with --skip-bad; 130 / 143 when a signal
@@ -144,6 +145,7 @@ def train_and_report(
                 command=command,
                 should_stop=stop,
                 progress=observers if observers.observers else None,
+                dist_timeout=dist_timeout,
             )
         except BaseException:
             if board is not None:

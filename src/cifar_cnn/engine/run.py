@@ -349,6 +349,7 @@ def train(
     progress: TrainProgress | None = None,
     evaluate_test: bool = True,
     probe: Probe | None = None,
+    dist_timeout: float | None = None,
 ) -> TrainResult:
     """Train `config` on `data` into the run directory `out`; returns a TrainResult (test metrics and logits).
 
@@ -360,12 +361,13 @@ def train(
     `evaluate_test=False` skips the final test evaluation (hyper-parameter search selects on validation only).
     `probe(model, steps_done, steps_per_epoch)` is called after every optimizer step with the weights that would be
     saved (benchmarks measure test accuracy during training with it; it must leave the model as it found it).
-    Under torchrun this process joins the data-parallel group; only rank 0 writes (see cifar_cnn.distributed).
+    Under torchrun this process joins the data-parallel group (waiting at most `dist_timeout` seconds for the others
+    at any collective); only rank 0 writes (see cifar_cnn.distributed).
     """
     started = time.perf_counter()
     tune_allocator()
     ckpt = load_checkpoint(resume) if resume else None
-    dist = distributed.init_from_env(resolve_device(config.device))  # torchrun: join the group; else one process
+    dist = distributed.init_from_env(resolve_device(config.device), dist_timeout)  # torchrun: join; else one process
     if not dist.is_main:  # only rank 0 speaks and writes
         log, progress, probe = (lambda _: None), None, None
     with RunLock(Path(out), log) if dist.is_main else contextlib.nullcontext():
@@ -385,6 +387,8 @@ def train(
             result = _fit_and_test(state, files, dist, progress, probe, should_stop, home, log, started)
         except BaseException as exc:
             files.failed(exc)
+            if (lost := distributed.lost_contact(exc, dist)) is not None:
+                raise CifarCnnError(f"{lost}; {last_checkpoint_note(paths)}") from None
             if not files.begun and isinstance(exc, (RuntimeError, ValueError)):  # the first step failed
                 raise first_step_error(exc, paths) from None
             raise
@@ -450,6 +454,13 @@ def _fit_and_test(
             f"training is complete but best.pt is not tested; finish with: {resume_hint(paths)}"
         )
     return result
+
+
+def last_checkpoint_note(paths: RunPaths) -> str:
+    """What is left to resume from, and the command (for a run stopped by an error)."""
+    if not paths.last.is_file():
+        return f"no checkpoint was written yet; start again into {paths.root} with --overwrite"
+    return f"{paths.last} is intact; resume with: {resume_hint(paths)}"
 
 
 def first_step_error(exc: BaseException, paths: RunPaths) -> CifarCnnError:
