@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 150
 # Bottom to top. A module may import modules of its own layer or of layers below it, never above.
 LAYERS: list[list[str]] = [
     # ground floor: facts and small tools every layer may use
-    ["version", "errors", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules", "calibration"],
+    ["version", "errors", "names", "choices", "atomic", "hooks", "metrics", "ema", "optim", "schedules", "calibration"],
     # data: decoding, sources, cache, splits, the tensor pipeline
     ["data.images", "data.split", "data.preprocess", "data.labels", "data.dataset"],
     ["data.sources", "data.augment"],
@@ -53,7 +53,7 @@ LAYERS: list[list[str]] = [
     ["engine.run"],
     ["engine"],
     # on top of the engine and of prediction
-    ["export", "progress", "serve.app", "serve"],
+    ["export", "progress", "serve.limits", "serve.app", "serve"],
     ["workflow", "tune", "bench", "lr_find"],
     ["cli"],
     ["__main__", "__init__"],

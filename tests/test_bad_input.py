@@ -25,7 +25,7 @@ from PIL import Image
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 
-from . import bad_input_checkpoint, bad_input_data, bad_input_rundir, bad_input_serve
+from . import bad_input_checkpoint, bad_input_data, bad_input_names, bad_input_rundir, bad_input_serve, bad_input_tune
 from .bad_input_kit import (
     MIB,
     Case,
@@ -1209,7 +1209,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-AREAS = (bad_input_data, bad_input_serve, bad_input_checkpoint, bad_input_rundir)
+AREAS = (bad_input_data, bad_input_serve, bad_input_checkpoint, bad_input_rundir, bad_input_names, bad_input_tune)
 CASES: list[Case] = BASE_CASES + [case for area in AREAS for case in area.CASES]
 HTTP_CASES: list[HttpCase] = BASE_HTTP_CASES + [case for area in AREAS for case in area.HTTP_CASES]
 

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_cnn.checkpoint import describe, load_checkpoint, model_from_checkpoint, save_checkpoint, unwrap_state_dict
+from cifar_cnn.checkpoint import (
+    FORMAT,
+    SCHEMA,
+    describe,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.models import create_model
 
@@ -118,3 +126,93 @@ def test_weights_of_another_model(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c.pt", ckpt)
     with pytest.raises(CifarCnnError, match="do not fit model"):
         model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+
+
+# Hostile values for every field of a checkpoint's schema: wrong types, out-of-range numbers, NaN, huge sizes.
+HOSTILE_VALUES = [
+    None,
+    "x" * 100_000,
+    -1,
+    10**30,
+    float("nan"),
+    float("inf"),
+    True,
+    [1, 2],
+    ["a", "a"],
+    {"a": 1},
+    {1: "x"},
+    torch.zeros(3),
+    [float("nan"), 0.5, 0.5],
+    [0.5, 0.0, 0.5],
+    ["c"] * 100_001,
+]
+
+
+def full(model: torch.nn.Module) -> dict:
+    """`minimal` with every optional field a real run writes, each valid."""
+    return {
+        **minimal(model),
+        "num_classes": 10,
+        "tta": "flip",
+        "temperature": 1.5,
+        "calibration": {"split": "val", "num_images": 40, "tta": "flip", "temperature_by_tta": {"none": 1.2}},
+        "data_source": {"path": "/data", "options": {}, "fingerprint": {"classes": ["a"]}},
+        "step": 40,
+        "batch_in_epoch": 0,
+        "threads": 1,
+        "metrics": {"val_loss": 1.0},
+        "history": [{"epoch": 1, "val_loss": 1.0}],
+        "best_val_loss": float("inf"),  # no validation split
+        "optimizer_state": {"state": {}, "param_groups": []},
+        "scheduler_state": {"schedule": "constant", "step": 40},
+        "scaler_state": None,
+        "ema_state": {"decay": 0.99, "warmup": True, "updates": 3, "weights": {}},
+        "epoch_totals": {"loss_sum": 1.0, "correct": 3, "seen": 4},
+        "created": "2026-01-01T00:00:00+00:00",
+        "note": "end of epoch",
+        "package_version": "0.1.0",
+        "torch_version": "2.13.0",
+    }
+
+
+def test_every_field_a_run_writes_loads(tmp_path: Path) -> None:
+    ckpt = full(create_model("seed_cnn"))
+    assert set(ckpt) - {"model_state"} <= set(SCHEMA) | {"temperature"}, "a field without a schema entry"
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert describe(loaded)["tta"] == "flip" and model_from_checkpoint(loaded) is not None
+
+
+@pytest.mark.parametrize("field", [*SCHEMA, "temperature"])
+def test_every_field_is_checked_against_its_schema(field: str, tmp_path: Path) -> None:
+    """Each hostile value of each field: the checkpoint loads (the value happens to be valid there) and then
+    rebuilds and describes itself, or it is refused in one short line that names the file and the field."""
+    base = full(create_model("seed_cnn"))
+    refused = 0
+    for i, value in enumerate(HOSTILE_VALUES):
+        path = tmp_path / f"{field}_{i}.pt"
+        torch.save({"format": FORMAT, "format_version": 1, **base, field: value}, path)  # no fsync: fast
+        try:
+            ckpt = load_checkpoint(path)
+        except CifarCnnError as exc:
+            message = str(exc)
+            assert "\n" not in message and len(message) < 300 + len(str(path)), message[:400]
+            assert message.startswith(f"{path}: ") and (field in message or "checkpoint lacks" in message), message
+            refused += 1
+            continue
+        try:
+            describe(ckpt)
+            model_from_checkpoint(ckpt, path)
+        except CifarCnnError:
+            pass  # e.g. classes that do not fit the head: one line too (model_from_checkpoint's own check)
+    assert refused >= len(HOSTILE_VALUES) // 2, (field, refused)
+
+
+def test_input_size_is_bounded_before_anything_is_allocated(tmp_path: Path) -> None:
+    """The issue's example: input_size 100000 made predict allocate 20 GB."""
+    save_checkpoint(tmp_path / "c.pt", {**minimal(create_model("seed_cnn")), "input_size": 100_000})
+    with pytest.raises(CifarCnnError, match=r"its input_size must be a whole number in 8\.\.1024, got 100000"):
+        load_checkpoint(tmp_path / "c.pt")
+    for size in (8, 224, 1024):  # what models use: CIFAR 32, ImageNet backbones 224..518
+        save_checkpoint(tmp_path / "ok.pt", {**minimal(create_model("seed_cnn")), "input_size": size})
+        assert load_checkpoint(tmp_path / "ok.pt")["input_size"] == size

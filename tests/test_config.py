@@ -40,3 +40,27 @@ def test_switching_model_drops_the_recipes_model_args(tmp_path: Path) -> None:
     f.write_text("model: airbench\n")
     assert resolve_config("seed", f, {}).model_args == {}
     assert resolve_config("seed", None, {"epochs": 2}).model_args == {"dropout": 0.25}  # same model: kept
+
+
+def test_quoted_values_stay_short() -> None:
+    """Every value an error message quotes goes through config.quoted: a prefix, whatever the value."""
+    from cifar_cnn.config import quoted
+
+    loop: list = []
+    loop.append(loop)  # a list holding itself (YAML: &a [*a])
+    assert quoted("x" * 100_000) == "'" + "x" * 59 + "..."
+    assert quoted(10**5000).startswith("<a int too large") and len(quoted(loop)) <= 63
+    assert quoted([[1] * 9] * 10**6) == "<a list too large to show>"
+    assert quoted(0.5) == "0.5"
+
+
+def test_limits_of_values_from_the_command_line() -> None:
+    with pytest.raises(CifarCnnError, match=r"'seed' must be below 2\*\*63"):
+        resolve_config(None, None, {"seed": 10**30})
+    with pytest.raises(CifarCnnError, match="'lr' must be a number below 1e308"):
+        resolve_config(None, None, {"lr": 10**400})
+    with pytest.raises(CifarCnnError, match=r"image_size \(--image-size\) must be 0 \(the model's\) or 8\.\.1024"):
+        resolve_config(None, None, {"model": "resnet18", "image_size": 5000})
+    with pytest.raises(CifarCnnError, match="'recipe' must be a recipe name"):
+        resolve_config(None, None, {"recipe": ["seed"]})
+    assert resolve_config(None, None, {"model": "resnet18", "image_size": 1024}).image_size == 1024

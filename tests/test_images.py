@@ -117,3 +117,21 @@ def test_predict_sees_what_evaluation_sees(size_wh: tuple[int, int], tmp_path) -
             (tmp_path / split / cls / "x.jpg").write_bytes(blob)
     ds = load_dataset(str(tmp_path), 32, log=lambda m: None)
     assert np.array_equal(decode_image(blob, 32), ds.test_images[0])
+
+
+def test_exif_rotated_jpeg_is_upright_in_predict_and_in_a_data_set(tmp_path) -> None:
+    """A real camera-style JPEG: stored 400 x 200 with a white top-left block and EXIF orientation 6 (turn a quarter
+    clockwise to display): decoded 200 wide and 400 tall with the block at the top right, by the reduced-scale JPEG
+    path (predict, size 32) and by the data-set path."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    a = np.zeros((200, 400, 3), np.uint8)
+    a[:50, :100] = 255
+    blob = encoded(Image.fromarray(a), "JPEG", quality=95, exif=exif)
+    assert probe_size(blob, "cam.jpg") == (400, 200)
+    stored = decode_stored(blob, stored_shape(400, 200, 32), "cam.jpg")[0]  # (64, 32)
+    assert stored.shape == (64, 32) and stored[2, -3] > 200 and stored[2, 2] < 50 and stored[-3, -3] < 50
+    path = tmp_path / "cam.jpg"
+    path.write_bytes(blob)
+    square = decode_image(path, 32, "cam.jpg")[0]  # the centred square: rows 16..48 of the stored image
+    assert np.array_equal(square, stored[16:48])

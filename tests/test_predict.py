@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from cifar_cnn import load_checkpoint, model_from_checkpoint
 from cifar_cnn.cli import main
 from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.predict import Predictor
-from cifar_cnn.predict_core import softmax
+from cifar_cnn.predict_core import NON_FINITE, BasePredictor, NonFiniteOutput, softmax
 
 from .conftest import CLASSES, run_cli
 from .model_fixtures import tiny_checkpoint
@@ -195,3 +196,119 @@ def test_cli_human_output_and_usage_errors(checkpoint: Path, tmp_path: Path, cap
     assert main(["predict", str(checkpoint)]) == 2
     assert main(["predict", str(tmp_path / "nope.pt"), str(tmp_path / "a.png")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+# ---- names of any bytes, and outputs that are not finite (issue 16) --------------------------------------------------
+
+ODD = b"caf\xe9 \x1b[31m.png"  # a byte that is not UTF-8 and an escape code: '\udce9' and '\x1b' in Python's str
+
+
+def odd_names_folder(tmp_path: Path) -> Path:
+    """A folder with three images: one named with non-UTF-8 bytes and an escape code, one 'café.png', one plain."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    data = _cases()["rgb.png"][0]
+    with open(os.fsencode(folder) + b"/" + ODD, "wb") as f:
+        f.write(data)
+    (folder / "café.png").write_bytes(data)
+    (folder / "plain.png").write_bytes(data)
+    return folder
+
+
+def test_file_names_of_any_bytes_in_plain_json_and_csv_output(checkpoint: Path, tmp_path: Path):
+    folder = odd_names_folder(tmp_path)
+    odd = f"{folder}/caf\\xe9 \\x1b[31m.png"  # as every output shows it: \xNN for the byte and the control character
+    missing = os.fsdecode(os.fsencode(tmp_path) + b"/gone\xff.png")
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}  # a stream that refuses surrogates, as under a UTF-8 locale
+    plain = run_cli("predict", str(checkpoint), str(folder), "--top-k", "1", env=strict)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"{folder}/caf") and odd in plain.stdout
+    assert f"{folder}/café.png\t" in plain.stdout and "\x1b" not in plain.stdout
+
+    out_csv = tmp_path / "p.csv"
+    both = run_cli("predict", str(checkpoint), str(folder), missing, "--json", "--csv", str(out_csv), env=strict)
+    assert both.returncode == 1 and "Traceback" not in both.stderr, both.stderr
+    assert f"{tmp_path}/gone\\xff.png: no such file or folder" in both.stderr
+    assert "\\ud" not in both.stdout  # no lone surrogate escapes: strict JSON parsers (RFC 7493) refuse them
+    result = json.loads(both.stdout)
+    assert {p["path"] for p in result["predictions"]} == {odd, f"{folder}/café.png", f"{folder}/plain.png"}
+    assert [e["path"] for e in result["errors"]] == [f"{tmp_path}/gone\\xff.png"]
+    rows = list(csv.DictReader(out_csv.open(encoding="utf-8", errors="strict", newline="")))
+    assert [r["path"] for r in rows] == [p["path"] for p in result["predictions"]] + [result["errors"][0]["path"]]
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "LANG": "C"}], ids=["ascii", "C"])
+def test_a_non_ascii_name_prints_on_a_narrow_terminal(checkpoint: Path, tmp_path: Path, env: dict):
+    folder = odd_names_folder(tmp_path)
+    r = run_cli("predict", str(checkpoint), str(folder), str(tmp_path / "nè.png"), "--top-k", "1", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 3 and "caf\\xe9 \\x1b[31m.png" in r.stdout
+    assert "caf\\xe9.png" in r.stdout or "café.png" in r.stdout  # é escaped where the encoding cannot hold it
+    assert len(r.stderr.splitlines()) == 2 and ".png: no such file or folder" in r.stderr
+
+
+def overflowing_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
+    """The tiny checkpoint with its fully connected weights multiplied by 1e38: finite weights (loading accepts
+    them) whose activations overflow to infinity, so the logits come out NaN."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for key, value in ckpt["model_state"].items():
+        if key.endswith("weight") and value.ndim == 2:
+            ckpt["model_state"][key] = value * 1e38
+    path = tmp_path / "overflow.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def strict_json_refuses(name: str) -> None:
+    raise AssertionError(f"{name} in JSON output")
+
+
+def test_non_finite_outputs_are_an_error_of_each_file_not_nan(checkpoint: Path, tmp_path: Path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(_cases()["rgb.png"][0])
+    bad = overflowing_checkpoint(checkpoint, tmp_path)
+    out_csv = tmp_path / "p.csv"
+    r = run_cli("predict", str(bad), str(tmp_path / "in"), "--json", "--csv", str(out_csv))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    result = json.loads(r.stdout, parse_constant=strict_json_refuses)  # NaN, Infinity: not JSON
+    assert ": null" not in r.stdout
+    assert result["predictions"] == [] and [Path(e["path"]).name for e in result["errors"]] == ["a.png", "b.png"]
+    assert all(e["error"] == f"{e['path']}: {NON_FINITE}" for e in result["errors"])
+    assert "2 of 2 inputs could not be predicted" in r.stderr.splitlines()[-1]
+    assert all("non-finite outputs" in row["error"] and row["label"] == "" for row in csv.DictReader(out_csv.open()))
+    plain = run_cli("predict", str(bad), str(tmp_path / "in" / "a.png"))
+    assert plain.returncode == 1 and plain.stdout == "" and "a.png: the model produced non-finite" in plain.stderr
+
+
+class HalfBroken(BasePredictor):
+    """A fake model: NaN logits for images whose first pixel is 0, +inf for 1, finite logits otherwise."""
+
+    classes, mean, std, input_size, batch_size = ["x", "y", "z"], (0.5,) * 3, (0.25,) * 3, 8, 4
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        out = np.tile(np.array([[1.0, 3.0, 2.0]], np.float32), (len(images), 1))
+        first = images[:, 0, 0, 0]
+        out[first == 0, 1] = np.nan
+        out[first == 1, 2] = np.inf
+        return out
+
+
+def test_non_finite_rows_fail_alone_and_the_rest_are_predicted(tmp_path: Path):
+    model = HalfBroken()
+    files = []
+    for i, first in enumerate([5, 0, 9, 1, 7, 0]):  # two batches of 4 and 2
+        pixels = np.full((8, 8, 3), 200, np.uint8)
+        pixels[0, 0, 0] = first
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels).save(files[-1])
+    report = model.predict_files(files, top_k=2)
+    assert [Path(p["path"]).name for p in report.predictions] == ["0.png", "2.png", "4.png"]
+    assert all(p["label"] == "y" and np.isfinite(p["probability"]) for p in report.predictions)
+    assert [Path(e["path"]).name for e in report.errors] == ["1.png", "3.png", "5.png"]
+    assert all(e["error"] == f"{e['path']}: {NON_FINITE}" for e in report.errors)
+    with pytest.raises(NonFiniteOutput, match=r"^bad\.png: the model produced non-finite outputs"):
+        model.predict_bytes(files[1].read_bytes(), "bad.png")
+    with pytest.raises(NonFiniteOutput, match=r"^image 2 of 3: "):
+        model.predict(np.stack([np.full((3, 8, 8), v, np.uint8) for v in (4, 1, 0)]))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,7 +24,17 @@ from PIL import Image
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.report import build_report, plot_confusion, plot_curves, read_metrics
+from cifar_cnn.report import build as report_build
+from cifar_cnn.report import (
+    build_report,
+    confusion_figure,
+    plot_confusion,
+    plot_curves,
+    plot_per_class,
+    prediction_captions,
+    read_metrics,
+)
+from cifar_cnn.report.browser import render_browser
 
 from .conftest import make_images, run_cli, write_official_batches
 from .helpers import quiet
@@ -275,3 +287,111 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither best.pt nor last.pt" in err[0]
+
+
+# ---- names of any bytes, damaged inputs, a report that fails (issue 16) ---------------------------------------------
+
+RUN_FILES = ("best.pt", "last.pt", "config.yaml", "metrics.csv", "run.json", "test_metrics.json")
+
+
+def copy_run(src: Path, dest: Path, *, with_report: bool = False) -> Path:
+    dest.mkdir(parents=True)
+    for name in RUN_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    if with_report:
+        shutil.copytree(src / "report", dest / "report")
+    return dest
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_report_of_a_run_and_data_named_with_any_bytes(cli_run: dict, tmp_path: Path) -> None:
+    run = copy_run(cli_run["out"], tmp_path / os.fsdecode(b"r\xe9port \x1b run"))
+    data = tmp_path / os.fsdecode(b"d\xe9ta")
+    shutil.copytree(cli_run["data"], data)
+    record = json.loads((run / "run.json").read_text())
+    record["data"], record["command_line"] = str(data), ["cifar-cnn", "train", "--data", str(data)]
+    (run / "run.json").write_text(json.dumps(record))  # surrogates written as \udce9, read back as surrogates
+    env = cli_run["env"] | {"PYTHONIOENCODING": "utf-8:strict"}
+    r = run_cli("report", str(run), "--data", str(data), "--json", env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    shown_run, shown_data = f"{tmp_path}/r\\xe9port \\x1b run", f"{tmp_path}/d\\xe9ta"
+    assert "\\ud" not in r.stdout  # strict JSON: no lone surrogates
+    summary = json.loads(r.stdout)
+    assert summary["run_dir"] == shown_run and summary["data"] == shown_data
+    assert summary["report"] == f"{shown_run}/report/index.html"
+    saved = (run / "report" / "report.json").read_text(encoding="utf-8")
+    assert "\\ud" not in saved and json.loads(saved)["run_dir"] == shown_run
+    page = (run / "report" / "index.html").read_text(encoding="utf-8", errors="strict")
+    assert "r\\xe9port \\x1b run" in page and shown_data in page and "\\ud" not in page
+
+
+def test_class_names_of_any_bytes_in_figures_and_the_browser() -> None:
+    classes = ["caf\udce9", "esc\x1b[2J", "plain"]
+    drawn = plot_confusion([[2, 0, 0], [1, 1, 0], [0, 0, 2]], classes)
+    assert drawn["png"].startswith(b"\x89PNG")
+    figure = confusion_figure([[2, 0, 0], [1, 1, 0], [0, 0, 2]], classes)
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["caf\\xe9", "esc\\x1b[2J", "plain"]
+    assert plot_per_class(dict(zip(classes, [1.0, 0.5, None])), 0.6)["png"].startswith(b"\x89PNG")
+    captions, _ = prediction_captions(np.array([0]), np.array([[0.1, 0.9, 0.0]]), classes, [0])
+    assert captions == ["✗ esc\\x1b[2J 90%\ntrue: caf\\xe9"]
+    panel = render_browser({}, classes)
+    panel.encode("utf-8")  # a lone surrogate would raise here
+    assert '["caf\\\\xe9","esc\\\\x1b[2J","plain"]' in panel
+
+
+def test_a_damaged_input_or_a_failure_leaves_the_previous_report_whole(
+    cli_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = copy_run(cli_run["out"], tmp_path / "run", with_report=True)
+    before = files_of(run / "report")
+    good_metrics = (run / "metrics.csv").read_text()
+    (run / "metrics.csv").write_text(good_metrics + "3,2.1,0.3,x,0.2,0.01\n")
+    assert main(["report", str(run), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cifar-cnn: error: {run}/metrics.csv:4: 6 cells under a header of 7; " + report_build.METRICS_FIX]
+    entries = sorted([*RUN_FILES, "report"])
+    assert files_of(run / "report") == before and sorted(p.name for p in run.iterdir()) == entries
+
+    (run / "metrics.csv").write_text(good_metrics)
+    home = Path(cli_run["env"]["CIFAR_CNN_HOME"])
+
+    def broken_page(**kwargs):  # the figures are drawn by now; the page fails
+        raise RuntimeError("the page failed")
+
+    monkeypatch.setattr(report_build, "render_html", broken_page)
+    with pytest.raises(RuntimeError, match="the page failed"):
+        build_report(run, home=home, threads=1, log=quiet)
+    assert files_of(run / "report") == before, "a failed report changed the previous one"
+    assert sorted(p.name for p in run.iterdir()) == entries, "staging left behind"
+    monkeypatch.undo()
+
+    leftover = run / ".report.staging-999999999"  # a killed report's staging folder (no such process)
+    leftover.mkdir()
+    (run / "report" / "stale.png").write_bytes(b"from an older version")  # not a report file: kept
+    summary = build_report(run, home=home, threads=1, log=quiet)
+    assert not leftover.exists() and (run / "report" / "stale.png").exists()
+    after = files_of(run / "report")
+    assert after["index.html"] != before["index.html"] and set(after) == set(before) | {"stale.png"}
+    assert summary["report"] == str(run / "report" / "index.html")
+    (run / "report" / "stale.png").unlink()
+    build_report(run, home=home, threads=1, log=quiet)  # a folder holding only a report: swapped whole
+    assert set(files_of(run / "report")) == set(before) and not list(run.glob(".report.*"))
+
+
+def test_train_and_its_report_with_non_utf8_folder_names(tmp_path: Path) -> None:
+    """The issue's case: data and run folders named with bytes that are not UTF-8, output to a strict UTF-8 stream;
+    training and its report finish (exit 0), every line readable."""
+    x, y = make_images(20, seed=1)
+    data = write_official_batches(tmp_path / os.fsdecode(b"d\xe9ta"), x, y, x[:40], y[:40])
+    out = tmp_path / os.fsdecode(b"r\xfcn")
+    env = {"CIFAR_CNN_HOME": str(tmp_path / "home"), "PYTHONIOENCODING": "utf-8:strict"}
+    argv = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "40", "--threads", "1"]
+    r = run_cli(*argv, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert f"report: {tmp_path}/r\\xfcn/report/index.html" in r.stdout
+    page = (out / "report" / "index.html").read_text(encoding="utf-8", errors="strict")
+    assert f"{tmp_path}/d\\xe9ta" in page

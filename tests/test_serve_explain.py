@@ -126,7 +126,7 @@ def test_openapi_documents_explain_and_health_offers_it(server: Server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     operation = spec["paths"]["/explain"]["post"]
     schemas = {s: r["content"]["application/json"]["schema"]["$ref"] for s, r in operation["responses"].items()}
-    assert schemas == {"200": "#/components/schemas/Explanation", **dict.fromkeys(("400", "413", "422"), ERROR)}
+    assert schemas == {"200": "#/components/schemas/Explanation", **dict.fromkeys(("400", "413", "422", "503"), ERROR)}
     params = {p["name"]: p for p in operation["parameters"]}
     method = params["method"]["schema"]
     assert (method["type"], method["enum"], method["default"]) == ("string", list(EXPLAIN_METHODS), "gradcam")

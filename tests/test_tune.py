@@ -13,6 +13,7 @@ from cifar_cnn.errors import CifarCnnError
 
 optuna = pytest.importorskip("optuna")
 
+from cifar_cnn import tune  # noqa: E402
 from cifar_cnn.tune import DEFAULT_SPACE, config_for, read_tune_settings, run_study, suggest  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
@@ -119,3 +120,34 @@ def test_cli_tune_resumes_the_study_and_best_config_trains(tmp_path: Path, offic
     assert run.returncode == 0, run.stderr
     trained = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert {k: v for k, v in trained.items() if k != "epochs"} == {k: v for k, v in stored.items() if k != "epochs"}
+
+
+def test_a_plain_postgresql_url_gets_the_installed_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = {"psycopg"}
+    monkeypatch.setattr(tune.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert tune.storage_url("postgresql://u@h:5433/db") == "postgresql+psycopg://u@h:5433/db"
+    assert tune.storage_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"  # Heroku-style, SQLAlchemy refuses
+    installed = {"psycopg2"}  # SQLAlchemy 2.1 would pick psycopg 3 for a plain URL, which is not there
+    assert tune.storage_url("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
+    for url in ("postgresql+pg8000://u@h/db", "sqlite:////tmp/s.db", "mysql://u@h/db"):
+        assert tune.storage_url(url) == url  # a named driver or another database: as given
+    installed = set()
+    with pytest.raises(CifarCnnError, match=r"no PostgreSQL driver is installed; pip install 'cifar-cnn\[postgres\]'"):
+        tune.storage_url("postgresql://u:secret@h/db")
+    assert tune.shown_url("postgresql+psycopg://u:secret@h/db") == "postgresql+psycopg://u:***@h/db"
+
+
+def test_a_study_is_continued_only_over_the_space_it_was_searched_over() -> None:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(8):  # both optimizers: lr[sgd] and lr[adamw] each in some trials only
+        trial = study.ask()
+        suggest(trial, DEFAULT_SPACE)
+        study.tell(trial, 0.5)
+    tune.check_same_space(study, DEFAULT_SPACE, optuna, "memory")  # the same space: accepted
+    narrower = {**DEFAULT_SPACE, "batch_size": [32, 64]}
+    with pytest.raises(CifarCnnError, match=r"another space: batch_size was choices 32, 64, 128, now choices 32, 64;"):
+        tune.check_same_space(study, narrower, optuna, "memory")
+    with pytest.raises(CifarCnnError, match=r"another space: dropout was 0..0.5, now not searched"):
+        tune.check_same_space(study, {k: v for k, v in DEFAULT_SPACE.items() if k != "dropout"}, optuna, "memory")
+    with pytest.raises(CifarCnnError, match=r"another space: momentum was not searched, now it is"):
+        tune.check_same_space(study, {**DEFAULT_SPACE, "momentum": [0.8, 0.9]}, optuna, "memory")

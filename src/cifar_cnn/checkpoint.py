@@ -21,8 +21,10 @@ A checkpoint is a dict of plain types and tensors:
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from torch import nn
 
 from .atomic import atomic_write_bytes
 from .calibration import check_temperature
+from .choices import TTA_MODES
+from .config import MAX_IMAGE_SIZE, quoted
 from .errors import CifarCnnError
 
 FORMAT = "cifar-cnn-checkpoint"
@@ -68,6 +72,183 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 REQUIRED = ("model", "classes", "model_state", "mean", "std", "input_size")
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,843; a head beyond this is a damaged or hostile file
+MAX_NAME_CHARS = 4096  # a class name, a model name (an hf: model's folder path)
+
+# A checker returns what is wrong with a field's value (None: nothing). Every field present in a loaded checkpoint
+# is checked (REQUIRED says which must be present), so no command trusts a type, a range or a size from the file:
+# input_size 100000 would make predict allocate 20 GB, a string mean a traceback deep in normalization.
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_in(low: int, high: int | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if _is_int(v) and v >= low and (high is None or v <= high):
+            return None
+        bound = f"in {low}..{high}" if high is not None else f"of at least {low}"
+        return f"must be a whole number {bound}, got {quoted(v)}"
+
+    return check
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def _mapping(v: Any) -> str | None:
+    return None if isinstance(v, dict) and all(isinstance(k, str) for k in v) else f"must be a mapping, got {quoted(v)}"
+
+
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) and len(v) <= MAX_NAME_CHARS else f"must be a short text, got {quoted(v)}"
+
+
+def _number(v: Any) -> str | None:  # a loss or metric: any float, inf included (no validation split: inf)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    return None if ok else f"must be a number, got {quoted(v)}"
+
+
+def _channel_stats(positive: bool) -> Check:
+    def check(v: Any) -> str | None:
+        numbers = isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v)
+        if numbers and (not positive or all(x > 0 for x in v)):
+            return None
+        kind = "positive finite numbers" if positive else "finite numbers"
+        return f"must be 3 {kind} (one per channel), got {quoted(v)}"
+
+    return check
+
+
+def _classes(v: Any) -> str | None:
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_CLASSES:
+        return f"must be a list of 1..{MAX_CLASSES:,} class names, got {quoted(v)}"
+    bad = next((c for c in v if not isinstance(c, str) or not 0 < len(c) <= MAX_NAME_CHARS), None)
+    if bad is not None:
+        return f"must be names (non-empty texts), but one is {quoted(bad)}"
+    if len(set(v)) != len(v):
+        twice = next(c for i, c in enumerate(v) if c in v[:i])
+        return f"must be different names, but {quoted(twice)} appears twice"
+    return None
+
+
+def _model(v: Any) -> str | None:
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not 0 < len(v["name"]) <= MAX_NAME_CHARS:
+        return f"must be a mapping with the model's name, got {quoted(v)}"
+    if _mapping(v.get("args", {})) is not None:
+        return f"args must be a mapping of argument names to values, got {quoted(v.get('args'))}"
+    hf = v.get("hf")
+    if hf is not None and not (isinstance(hf, dict) and all(_mapping(hf.get(k)) is None for k in HF_RECORD)):
+        return f"hf must be a mapping holding {' and '.join(HF_RECORD)} mappings, got {quoted(hf)}"
+    return None
+
+
+HF_RECORD = ("config", "preprocessor")  # what models.hf rebuilds an hf: network from
+
+
+def _tta(v: Any) -> str | None:
+    return None if v in TTA_MODES else f"must be one of {', '.join(TTA_MODES)}, got {quoted(v)}"
+
+
+def _temperature(v: Any) -> str | None:
+    ok = _is_number(v) and v > 0
+    return None if ok else f"must be a positive finite number, got {quoted(v)}"
+
+
+def _calibration(v: Any) -> str | None:
+    if _mapping(v) is not None:
+        return _mapping(v)
+    by_tta = v.get("temperature_by_tta", {})
+    if _mapping(by_tta) is not None or any(_tta(k) or _temperature(t) for k, t in by_tta.items()):
+        return f"temperature_by_tta must map test-time augmentations to temperatures, got {quoted(by_tta)}"
+    return None
+
+
+def _data_source(v: Any) -> str | None:
+    if _mapping(v) is not None or _text(v.get("path")) is not None:
+        return f"must be a mapping with the data's path, got {quoted(v)}"
+    if any(_optional(_mapping)(v.get(k)) for k in ("options", "fingerprint")):
+        return f"options and fingerprint must be mappings, got {quoted(v)}"
+    return None
+
+
+def _rng_state(v: Any) -> str | None:
+    tensors = isinstance(v, dict) and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in v.values())
+    return None if tensors and "torch" in v else f"must map devices to byte tensors, got {quoted(v)}"
+
+
+def _ema_state(v: Any) -> str | None:
+    if not isinstance(v, dict) or not _is_int(v.get("updates")) or not isinstance(v.get("weights"), dict):
+        return f"must be a mapping with updates and weights, got {quoted(v)}"
+    return None
+
+
+def _epoch_totals(v: Any) -> str | None:
+    ok = (
+        isinstance(v, dict)
+        and set(v) == {"loss_sum", "correct", "seen"}
+        and all(_number(x) is None for x in v.values())
+    )
+    return None if ok else f"must be a mapping of loss_sum, correct and seen, got {quoted(v)}"
+
+
+def _history(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(_mapping(row) is None for row in v)
+    return None if ok else f"must be a list of mappings (one per epoch), got {quoted(v)}"
+
+
+SCHEMA: dict[str, Check] = {
+    "format_version": _int_in(1),
+    "model": _model,
+    "classes": _classes,
+    "num_classes": _int_in(1, MAX_CLASSES),
+    "input_size": _int_in(8, MAX_IMAGE_SIZE),
+    "mean": _channel_stats(positive=False),
+    "std": _channel_stats(positive=True),
+    "tta": _tta,
+    # temperature: checked by checkpoint_temperature when loaded (calibration.check_temperature's own message)
+    "calibration": _calibration,
+    "config": _mapping,
+    "data_source": _optional(_data_source),
+    "epoch": _int_in(0),
+    "step": _int_in(0),
+    "batch_in_epoch": _int_in(0),
+    "threads": _optional(_int_in(1)),
+    "metrics": _mapping,
+    "history": _history,
+    "best_val_loss": _number,
+    "optimizer_state": _optional(_mapping),
+    "scheduler_state": _optional(_mapping),
+    "scaler_state": _optional(_mapping),
+    "ema_state": _optional(_ema_state),
+    "rng_state": _rng_state,
+    "epoch_totals": _optional(_epoch_totals),
+    **{k: _optional(_text) for k in ("created", "note", "package_version", "torch_version")},
+}
+
+
+def check_field(ckpt: dict[str, Any], name: str, path: Path) -> None:
+    """One field of a loaded checkpoint against SCHEMA (absent: nothing to check), as a one-line error."""
+    if name in ckpt and name in SCHEMA and (problem := SCHEMA[name](ckpt[name])) is not None:
+        raise CifarCnnError(f"{path}: its {name} {problem}; the checkpoint is damaged or was not written by cifar-cnn")
+
+
+def check_fields(ckpt: dict[str, Any], path: Path) -> None:
+    """Every field of a loaded checkpoint against SCHEMA, and the class count against num_classes."""
+    for name in SCHEMA:
+        check_field(ckpt, name, path)
+    if "num_classes" in ckpt and ckpt["num_classes"] != len(ckpt["classes"]):
+        raise CifarCnnError(
+            f"{path}: its num_classes {ckpt['num_classes']} differs from its {len(ckpt['classes'])} class names; "
+            "the checkpoint is damaged"
+        )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -85,6 +266,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CifarCnnError(
             f"{p}: not a cifar-cnn checkpoint (no '{FORMAT}' format tag); train one with `cifar-cnn train`"
         )
+    check_field(ckpt, "format_version", p)
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CifarCnnError(
             f"{p}: checkpoint format version {ckpt.get('format_version')} is newer than this cifar-cnn understands "
@@ -93,6 +275,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CifarCnnError(f"{p}: checkpoint lacks {', '.join(missing)}; it is damaged or incomplete")
+    check_fields(ckpt, p)
     check_weights(ckpt["model_state"], p)
     checkpoint_temperature(ckpt, p)
     return ckpt

@@ -11,17 +11,28 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .choices import DEVICES, EXPORT_FORMATS, EXPORT_TOLERANCE, LABEL_SETS, PRECISIONS, SPLITS, TTA_MODES
-from .config import FIELDS, TUPLE_LENGTHS, TrainConfig, field_choices, field_help
+from .config import (
+    FIELDS,
+    MAX_IMAGE_SIZE,
+    QUOTE_CHARS,
+    TUPLE_LENGTHS,
+    TrainConfig,
+    field_choices,
+    field_help,
+    parse_yaml_value,
+    quoted,
+)
 from .errors import CifarCnnError
+from .names import shown_text
 from .version import __version__
 
 
@@ -33,7 +44,11 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (what was wrong and where to look), exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = _LONG_QUOTE.sub(lambda m: m.group(1) + "...'", message)  # argparse quotes a bad value whole
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_LONG_QUOTE = re.compile(rf"('[^'\n]{{{QUOTE_CHARS}}})[^'\n]+'")
 
 
 def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Callable[[str], Any]:
@@ -55,6 +70,28 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
 
 _positive_int = _bounded(int, 1, what="a whole number")
 _port = _bounded(int, 0, 65535, what="a TCP port")
+_image_size = _bounded(int, 8, MAX_IMAGE_SIZE, what="a side in pixels")
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def _threads(text: str) -> int:
+    """--threads N: 1 up to the usable CPUs. More threads than CPUs make torch's parallel loops wait on each other
+    (1,000 threads on 2 CPUs: 1,500x slower), so a larger N is refused rather than obeyed silently."""
+    cpus = _usable_cpus()
+    value = _bounded(int, 1, what="a whole number")(text)
+    if value > cpus:
+        raise argparse.ArgumentTypeError(
+            f"{value}: this process may use {cpus} CPU{'s' if cpus > 1 else ''}, and more threads than CPUs make torch "
+            f"many times slower; use --threads {cpus} or fewer"
+        )
+    return value
 
 
 def _seed_list(text: str) -> list[int]:
@@ -70,14 +107,36 @@ def _logger(json_mode: bool) -> Callable[[str], None]:
     stream = sys.stderr if json_mode else sys.stdout
 
     def log(message: str) -> None:
-        print(message, file=stream, flush=True)
+        print(shown_text(message), file=stream, flush=True)
 
     return log
 
 
+def _strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: json.dumps would write NaN or Infinity, which is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    """One JSON object on stdout: strict JSON (no NaN; names are shown with cifar_cnn.names.shown by whoever made
+    them, and json.dumps escapes everything else that is not ASCII)."""
+    sys.stdout.write(json.dumps(_strict_json(obj), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _forgiving_streams() -> None:
+    """stdout and stderr write what their encoding cannot hold (a name with an accent under LC_ALL=C or
+    PYTHONIOENCODING=ascii, a surrogate escape) as backslash escapes instead of raising UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # a caller's replacement stream may not have it
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 DATA_HELP = (
@@ -177,7 +236,11 @@ def _common(
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)"
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch, at most the CPUs this process may use (default: torch's)",
     )
 
 
@@ -256,11 +319,8 @@ def _key_values(items: list[str], option: str, example: str) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CifarCnnError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} {example}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise CifarCnnError(f"{option} {item!r}: the value is not valid YAML") from None
+            raise CifarCnnError(f"{option} {quoted(item)}: expected KEY=VALUE, e.g. {option} {example}")
+        out[key] = parse_yaml_value(value, f"{option} {quoted(key)}")  # size-checked: a value may hold YAML aliases
     return out
 
 
@@ -307,6 +367,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         report=args.report,
         stream=sys.stderr if args.json else sys.stdout,
         command=["cifar-cnn", *sys.argv[1:]],
+        dist_timeout=args.dist_timeout,
     )
     if args.json:
         _emit_json({k: v for k, v in result.items() if k != "history"} | {"epochs": result["history"]})
@@ -338,6 +399,13 @@ def _build_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tensorboard", action="store_true", help="also write TensorBoard event files into DIR/tensorboard/"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=_bounded(float, 1, 86400, "seconds"),
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before it stops with an error (default 1800)",
     )
     p.add_argument(
         "--report",
@@ -388,7 +456,8 @@ def _build_tune(sub: argparse._SubParsersAction) -> None:
         "default space of LR, weight decay, batch size, optimizer, dropout, augmentation and epochs), pruning weak "
         "trials on validation accuracy per epoch. Writes OUT/study.db (unless --storage), OUT/trials/NNNN/, "
         "OUT/best.yaml (for train --config), OUT/trials.csv, OUT/search.png and OUT/tune.json. Running it again "
-        "continues the study. Needs the [tune] extra.",
+        "continues the study. Needs the [tune] extra. --trials counts this worker's trials; with several workers on "
+        "one --storage each writes the study as it stands when it finishes (the last one: every trial).",
     )
     _common(p, data="cifar10", label_set=False)
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to run now")
@@ -402,7 +471,8 @@ def _build_tune(sub: argparse._SubParsersAction) -> None:
         "--storage",
         default=None,
         metavar="URL",
-        help="Optuna storage URL shared by all workers, e.g. postgresql://user@host/db (default: sqlite in OUT)",
+        help="Optuna storage URL shared by all workers, e.g. postgresql://user@host:5432/db (the [postgres] extra); "
+        "workers on several machines give the same --storage and --study, each its own --out (default: sqlite in OUT)",
     )
     p.add_argument("--pruner", default=None, choices=("median", "none"), help="override the tune section's pruner")
     _add_config_options(p)
@@ -597,7 +667,7 @@ def _build_show_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", choices=("train", "test"), help="which images")
     p.add_argument("--per-class", type=int, default=8, metavar="N", help="images per class")
     p.add_argument("--seed", type=int, default=0, help="which images are picked")
-    p.add_argument("--image-size", type=int, default=32, help="side the images are resized to")
+    p.add_argument("--image-size", type=_image_size, default=32, help="side the images are resized to")
     p.set_defaults(func=cmd_show_data)
 
 
@@ -684,7 +754,7 @@ def _build_small(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("data", help="decode a data source into the cache and summarize it", formatter_class=_Formatter)
     _common(p, data="cifar10")
-    p.add_argument("--image-size", type=int, default=32, help="side the images are resized to")
+    p.add_argument("--image-size", type=_image_size, default=32, help="side the images are resized to")
     p.set_defaults(func=cmd_data)
 
 
@@ -829,31 +899,45 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve.app import serve
+        from .serve.limits import ServeLimits, bind_socket
     except ImportError as exc:
         raise CifarCnnError(f"serve needs the [serve] extra (fastapi, uvicorn, python-multipart): {exc}") from None
-    if args.onnx:  # onnxruntime has no gradients: served without /explain
-        if args.checkpoint:
-            raise CifarCnnError(f"give a checkpoint or --onnx FILE, not both (got {args.checkpoint} and {args.onnx})")
-        if args.tta not in (None, "none"):
-            raise CifarCnnError("--tta: exported ONNX models run without test-time augmentation; drop --tta")
-        from .onnx_predict import OnnxPredictor
-
-        predictor = OnnxPredictor(args.onnx, threads=args.threads)
-    else:
-        if not args.checkpoint:
-            raise CifarCnnError("give a checkpoint to serve (a .pt file written by train), or --onnx FILE")
-        from .predict import Predictor
-
-        predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta, device=args.device, threads=args.threads)
-    serve(
-        predictor,
-        host=args.host,
-        port=args.port,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        log_level=args.log_level,
+    if args.onnx and args.checkpoint:
+        raise CifarCnnError(f"give a checkpoint or --onnx FILE, not both (got {args.checkpoint} and {args.onnx})")
+    if args.onnx and args.tta not in (None, "none"):  # onnxruntime has no gradients: served without /explain
+        raise CifarCnnError("--tta: exported ONNX models run without test-time augmentation; drop --tta")
+    if not args.onnx and not args.checkpoint:
+        raise CifarCnnError("give a checkpoint to serve (a .pt file written by train), or --onnx FILE")
+    limits = ServeLimits(
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_decodes=args.max_decodes,
+        max_waiting=args.max_waiting,
     )
+    with bind_socket(args.host, args.port) as sock:  # before the model loads: a taken port fails fast, in one line
+        if args.onnx:
+            from .onnx_predict import OnnxPredictor
+
+            predictor = OnnxPredictor(args.onnx, threads=args.threads)
+        else:
+            from .predict import Predictor
+
+            predictor = Predictor.from_checkpoint(
+                args.checkpoint, tta=args.tta, device=args.device, threads=args.threads
+            )
+        serve(
+            predictor,
+            host=args.host,
+            sock=sock,
+            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            limits=limits,
+            allowed_hosts=args.allowed_hosts,
+            docs=args.docs,
+            log_level=args.log_level,
+        )
     return 0
 
 
@@ -881,8 +965,53 @@ def _build_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for others")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _serve_limit_options(p)
     _common(p, json_flag=False)
     p.set_defaults(func=cmd_serve)
+
+
+def _serve_limit_options(p: argparse.ArgumentParser) -> None:
+    """serve's defences against hostile or careless clients (cifar_cnn.serve.limits.ServeLimits)."""
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="Host header names answered, comma-separated, * for any (default: the --host address, plus localhost "
+        "names for a loopback one; any for 0.0.0.0 or ::): guards against DNS rebinding",
+    )
+    p.add_argument("--docs", action="store_true", help="serve /docs and /redoc (their scripts load from a public CDN)")
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=512,
+        help="open connections at most; beyond it the one waiting longest for its client is closed",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_bounded(float, 0.01, 3600, what="seconds"),
+        default=10.0,
+        metavar="S",
+        help="seconds a client has to send a request header; then the connection is closed",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_bounded(float, 0.01, 3600, what="seconds"),
+        default=60.0,
+        metavar="S",
+        help="seconds a client has to send the body after its header; then the connection is closed",
+    )
+    p.add_argument(
+        "--max-decodes",
+        type=_positive_int,
+        default=2,
+        help="uploads read and decoded at once (bounds memory: see the README's Serve section)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=_bounded(int, 0, what="a whole number"),
+        default=16,
+        help="uploads that wait for a decode slot; one more gets 503 with Retry-After",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -1097,13 +1226,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _forgiving_streams()
     parser = build_parser()  # torch-free: `predict --onnx` runs where torch is not installed
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CifarCnnError as exc:
         one_line = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-        print(f"cifar-cnn: error: {one_line}", file=sys.stderr)
+        print(f"cifar-cnn: error: {shown_text(one_line)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cifar-cnn: interrupted", file=sys.stderr)

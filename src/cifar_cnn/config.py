@@ -7,6 +7,7 @@ from this one place. Unknown keys and values of the wrong type are errors, never
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import types
@@ -37,6 +38,116 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# Bounds on what a config file or a KEY=VALUE value may hold, checked before anything else looks at it: YAML aliases
+# can make a few hundred bytes stand for billions of values (each `*a` repeats what `&a` names), so the expanded size
+# is counted, not the text's.
+MAX_CONFIG_BYTES = 100_000  # a config file: real ones are a few KB, and PyYAML reads about 300 KB a second
+MAX_CONFIG_VALUES = 10_000  # values after aliases are expanded, in the whole file or one KEY=VALUE
+MAX_CONFIG_DEPTH = 20  # nesting of lists and mappings
+MAX_CONFIG_STRING = 10_000  # characters in one string (a path, a model name)
+MAX_IMAGE_SIZE = 1024  # side of a model's input in pixels (pretrained hf: models use 224..518); see validate
+MIN_STD = 1e-6  # a normalization std below this turns 0..1 pixels into values near float32's overflow
+QUOTE_CHARS = 60  # the most of a value an error message quotes
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters with '...' (a message stays one short line
+    whatever the value: a 100 KB string, a list holding itself through YAML aliases, a 5,000-digit number)."""
+    if isinstance(value, (list, tuple, dict, set)) and _size_over(value, 1000):
+        text = f"<a {type(value).__name__} too large to show>"
+    else:
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):  # ints beyond Python's digit limit; nesting beyond the recursion limit
+            text = f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _size_over(value: Any, budget: int) -> bool:
+    """Whether `value`, with shared parts counted each time they appear, holds more than `budget` items."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > budget:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+    return False
+
+
+def check_size(value: Any, where: str) -> None:
+    """Refuse a parsed config value that is too big once expanded (YAML aliases), nested too deeply, or holds a
+    string too long; counting stops at the first limit passed, so a bomb costs microseconds, not gigabytes."""
+    stack, count = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise CifarCnnError(
+                f"{where}: more than {MAX_CONFIG_VALUES:,} values once YAML aliases are expanded; a config holds a "
+                "few dozen, so remove the aliases (*name) that repeat whole lists"
+            )
+        if depth > MAX_CONFIG_DEPTH:
+            raise CifarCnnError(f"{where}: {TOO_DEEP}")
+        if isinstance(item, str) and len(item) > MAX_CONFIG_STRING:
+            raise CifarCnnError(
+                f"{where}: a string of {len(item):,} characters ({quoted(item)}); at most {MAX_CONFIG_STRING:,}"
+            )
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for pair in item.items() for v in pair)
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+
+
+class _TooDeep(ValueError):
+    """YAML nested beyond MAX_CONFIG_DEPTH, found while it is read."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the nesting bounded while it reads: its scanner keeps state per open [ or { and
+    rescans it at every token (a 12 KB file of 3,000 nested brackets takes 9 s), and its composer recurses once
+    per level (RecursionError)."""
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_CONFIG_DEPTH:
+            raise _TooDeep
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH + 1:  # + 1: the document's top-level mapping
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values (safe types only), refusing nesting beyond MAX_CONFIG_DEPTH as it reads."""
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain types only, never arbitrary objects
+
+
+TOO_DEEP = f"lists or mappings nested more than {MAX_CONFIG_DEPTH} deep; flatten it"
+
+
+def parse_yaml_value(text: str, where: str) -> Any:
+    """One KEY=VALUE value (`--model-arg`, `bench --set`) read as YAML, within the config's size limits."""
+    if len(text) > MAX_CONFIG_STRING:
+        raise CifarCnnError(f"{where}: a value of {len(text):,} characters; at most {MAX_CONFIG_STRING:,}")
+    try:
+        value = load_yaml(text)
+    except (_TooDeep, RecursionError):
+        raise CifarCnnError(f"{where}: the value holds {TOO_DEEP}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CifarCnnError(f"{where}: the value {quoted(text)} is not valid YAML ({_parse_failure(exc)})") from None
+    check_size(value, where)
+    return value
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -184,7 +295,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     base = next(a for a in typ.__args__ if a is not type(None)) if isinstance(typ, types.UnionType) else typ
 
     def bad(expected: str) -> CifarCnnError:
-        return CifarCnnError(f"{where}: '{name}' must be {expected}, got {value!r} ({type(value).__name__})")
+        return CifarCnnError(f"{where}: '{name}' must be {expected}, got {quoted(value)} ({type(value).__name__})")
 
     if value is None:
         if allow_none:
@@ -195,13 +306,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad("true or false")
         return value
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+            raise bad("an integer" if isinstance(value, bool) or not isinstance(value, int) else "below 2**63")
         return value
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        return _as_float(value, bad)
     if base is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -221,16 +332,34 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         ):
             raise bad(f"a list of {n} numbers")
-        return tuple(float(v) for v in value)
+        return tuple(_as_float(v, bad) for v in value)
     raise AssertionError(f"unhandled config type {typ}")  # pragma: no cover
+
+
+def _as_float(value: int | float, bad: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range (YAML reads 1e400 as inf, but 10**400 as an int)
+        raise bad("a number below 1e308") from None
 
 
 def apply(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
     """`config` with `values` replacing fields; unknown keys and wrong types are errors naming `where`."""
-    unknown = sorted(set(values) - set(FIELDS))
+    check_size(values, where)
+    unknown = sorted((k for k in values if k not in FIELDS), key=lambda k: k if isinstance(k, str) else quoted(k))
     if unknown:
-        raise CifarCnnError(f"{where}: unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(FIELDS)}")
+        raise CifarCnnError(f"{where}: unknown config key(s) {_unknown_keys(unknown)}")
     return dataclasses.replace(config, **{k: _coerce(k, v, where) for k, v in values.items()})
+
+
+def _unknown_keys(unknown: list[Any]) -> str:
+    """The first few unknown keys (each cut short), with the known keys closest to them and where to find all."""
+    names = [k if isinstance(k, str) else quoted(k) for k in unknown]
+    shown = ", ".join(n if len(n) <= QUOTE_CHARS else n[:QUOTE_CHARS] + "..." for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    close = {m for n in names[:5] for m in difflib.get_close_matches(n[:QUOTE_CHARS], list(FIELDS), n=2)}
+    hint = f"did you mean {', '.join(sorted(close))}? " if close else ""
+    return f"{shown}{more}; {hint}every key is listed by `cifar-cnn train --help` (as --key-name)"
 
 
 # Sections of a config file that belong to other commands and that `train` ignores.
@@ -247,22 +376,35 @@ def parse_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CifarCnnError(f"--config {p}: no such file")
+    if p.suffix.lower() not in (".toml", ".yaml", ".yml", ".json"):
+        raise CifarCnnError(f"--config {p}: use a .yaml, .yml or .toml file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise CifarCnnError(
+            f"--config {p}: {p.stat().st_size:,} bytes is more than a config file holds (at most {MAX_CONFIG_BYTES:,})"
+        )
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text)
-        else:
-            raise CifarCnnError(f"--config {p}: use a .yaml, .yml or .toml file")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CifarCnnError(f"--config {p}: not valid {p.suffix.lstrip('.').upper()} ({first})") from None
+        data = tomllib.loads(text) if p.suffix.lower() == ".toml" else load_yaml(text)
+    except (_TooDeep, RecursionError):  # RecursionError: tomllib recurses once per level of [[[...]]]
+        raise CifarCnnError(f"--config {p}: {TOO_DEEP}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise CifarCnnError(f"--config {p}: not valid {p.suffix.lstrip('.').upper()} ({_parse_failure(exc)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise CifarCnnError(f"--config {p}: expected a mapping of keys to values at the top level")
+    check_size(data, f"--config {p}")
     return data
+
+
+def _parse_failure(exc: Exception) -> str:
+    """The first line of a parser's complaint, short; Python's own for a number too long to read names no fix a user
+    can apply (ValueError from int(str) beyond 4,300 digits), so it is said plainly."""
+    text = str(exc).strip()
+    if "Exceeds the limit" in text and "digits" in text:
+        return "a number of more than 4,300 digits; write a shorter one"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 200 else first[:200] + "..."
 
 
 def resolve_config(
@@ -273,7 +415,9 @@ def resolve_config(
 
     file_values = read_config_file(config_file) if config_file else {}
     overrides = dict(overrides or {})
-    name = recipe or overrides.pop("recipe", None) or file_values.get("recipe") or TrainConfig.recipe
+    given = overrides.pop("recipe", None)
+    where = "command line" if recipe or given else f"--config {config_file}"
+    name = _recipe_name(recipe or given or file_values.get("recipe") or TrainConfig.recipe, where)
     config = apply(TrainConfig(), {**recipe_values(name), "recipe": name}, f"recipe {name}")
     file_values = {k: v for k, v in file_values.items() if k != "recipe"}
     if file_values:
@@ -282,6 +426,13 @@ def resolve_config(
         overrides = _model_args_for(config, overrides)
         config = apply(config, overrides, "command line")
     return validate(_model_preprocessing(config, {*file_values, *overrides}))
+
+
+def _recipe_name(value: Any, where: str) -> str:
+    """A recipe's name as given, checked before it is looked up (the lookup's message quotes it)."""
+    if not isinstance(value, str) or not 0 < len(value) <= QUOTE_CHARS:
+        raise CifarCnnError(f"{where}: 'recipe' must be a recipe name (see `cifar-cnn recipes`), got {quoted(value)}")
+    return value
 
 
 # The keys that say how images are prepared; a pretrained model has its own, which only the user overrides.
@@ -313,8 +464,9 @@ def _model_args_for(config: TrainConfig, layer: dict[str, Any]) -> dict[str, Any
 def _not_finite(c: TrainConfig) -> list[str]:
     """The number fields (and list items) that are NaN or infinite, as `name=value`."""
     out = []
-    for name, value in dataclasses.asdict(c).items():
-        values = value if isinstance(value, (list, tuple)) else [value]
+    for name in FIELDS:  # not dataclasses.asdict: it would deep-copy model_args
+        value = getattr(c, name)
+        values = value if isinstance(value, tuple) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             out.append(f"{name}={value}")
     return out
@@ -326,7 +478,7 @@ def validate(c: TrainConfig) -> TrainConfig:
     if not_finite:
         raise CifarCnnError(f"invalid config: {', '.join(not_finite)[:200]}: every number must be finite")
     checks = [
-        (0 <= c.seed < 2**63, f"seed must be in 0..2**63-1, got {c.seed}"),
+        (0 <= c.seed < 2**63, f"seed must be in 0..2**63-1, got {quoted(c.seed)}"),
         (c.epochs >= 1, "epochs must be at least 1"),
         (c.batch_size >= 1, "batch_size must be at least 1"),
         (c.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
@@ -344,14 +496,21 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.step_epochs > 0, "step_epochs must be positive"),
         (0 <= c.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
         (not (c.nesterov and c.optimizer == "sgd" and c.momentum == 0), "nesterov needs momentum > 0"),
-        (c.std is None or all(s > 0 for s in c.std), "std values must be positive"),
+        (
+            c.std is None or all(s >= MIN_STD for s in c.std),
+            f"std values must be at least {MIN_STD:g} (pixels are divided by them), got {c.std}",
+        ),
         (
             c.crop_scale is None or 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1,
             "crop_scale must be MIN MAX with 0 < MIN <= MAX <= 1",
         ),
         (0 < c.crop_ratio[0] <= c.crop_ratio[1], "crop_ratio must be MIN MAX with 0 < MIN <= MAX"),
         (0 < c.test_split < 1, "test_split must be in (0, 1)"),
-        (c.image_size == 0 or c.image_size >= 8, "image_size must be 0 (the model's) or at least 8"),
+        (
+            c.image_size == 0 or 8 <= c.image_size <= MAX_IMAGE_SIZE,
+            f"image_size (--image-size) must be 0 (the model's) or 8..{MAX_IMAGE_SIZE} pixels, got {c.image_size}; "
+            "larger images need memory that grows with the square of the side (resize them beforehand)",
+        ),
         (c.init_from or not c.reset_head, "reset_head needs init_from"),
         (
             c.init_from or c.model.startswith("hf:") or not c.freeze_backbone,

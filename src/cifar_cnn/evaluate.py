@@ -184,6 +184,17 @@ def _split_arrays(splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray]:
     }[split]
 
 
+def check_finite_logits(logits: torch.Tensor, checkpoint: str | Path, split: str) -> None:
+    """Refuse outputs that are NaN or infinite (finite weights can still overflow): an accuracy from them would be made
+    up (argmax of NaN is class 0) and their loss NaN."""
+    bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+    if bad:
+        raise CifarCnnError(
+            f"{checkpoint}: the model produced non-finite outputs (NaN or infinity) for {bad:,} of {len(logits):,} "
+            f"{split} images; its weights overflow float32, so retrain it or use another checkpoint"
+        )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | DataSource | None = None,
@@ -238,6 +249,7 @@ def evaluate_checkpoint(
         channels_last=channels_last,
         size=int(ckpt["input_size"]),
     )
+    check_finite_logits(logits, checkpoint, split)
     metrics = classification_metrics(logits, torch.from_numpy(np.asarray(labels)), list(ckpt["classes"]))
     temperature = checkpoint_temperature(ckpt, checkpoint, tta=mode)
     metrics.update(calibration_metrics(logits.numpy(), np.asarray(labels), temperature))

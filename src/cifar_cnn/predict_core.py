@@ -1,6 +1,11 @@
 """What every predictor shares, without torch: finding image files, decoding them in batches, softmax and top-k,
 and the result rows that `predict --json` and `--csv` write.
 
+File names in every row, line and message are `cifar_cnn.names.shown(path)`: bytes that are not UTF-8 and control
+characters as `\\xNN`, so the same name reads the same in the terminal, the JSON, the CSV and the server's answers.
+An image whose logits or probabilities are not finite (a model whose weights overflow) is an error for that image,
+never a NaN in the output.
+
 `cifar_cnn.predict.Predictor` (PyTorch) and `cifar_cnn.onnx_predict.OnnxPredictor` (onnxruntime) differ only in
 how they turn a batch of uint8 images into logits; everything else lives here, so both give the same answers in
 the same form.
@@ -19,23 +24,46 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .calibration import softmax
-from .data.images import decode_image, image_extensions
+from .data.images import decode_image, image_extensions, read_capped
 from .errors import CifarCnnError
+from .names import shown
 
 DEFAULT_BATCH_SIZE = 256
 
 
+NON_FINITE = (
+    "the model produced non-finite outputs (NaN or infinity); its weights overflow or are damaged: retrain or "
+    "re-export it"
+)
+
+
+class NonFiniteOutput(CifarCnnError):
+    """The model's logits or probabilities for an image are NaN or infinite (see NON_FINITE)."""
+
+
+def finite_probabilities(logits: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax(logits / temperature), a bool per image: whether its logits and probabilities are all finite)."""
+    logits = np.asarray(logits)
+    with np.errstate(all="ignore"):  # overflowing logits are reported per image, not as numpy warnings
+        probs = softmax(logits, temperature)
+    return probs, np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1)
+
+
 def top_k_rows(logits: np.ndarray, classes: Sequence[str], k: int, temperature: float = 1.0) -> list[dict[str, Any]]:
     """One dict per image: the top label, its probability, and the `k` most probable labels (best first), with
-    probabilities softmax(logits / temperature) (see cifar_cnn.calibration)."""
+    probabilities softmax(logits / temperature) (see cifar_cnn.calibration). NonFiniteOutput when an image's
+    logits or probabilities are not finite (`BasePredictor.predict_files` makes that an error of the file)."""
     if k < 1:
         raise CifarCnnError(f"--top-k must be at least 1, got {k}")
     k = min(k, len(classes))
-    probs = softmax(logits, temperature)
+    probs, finite = finite_probabilities(logits, temperature)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise NonFiniteOutput(f"image {bad + 1} of {len(finite)}: {NON_FINITE}" if len(finite) > 1 else NON_FINITE)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     rows = []
     for p, idx in zip(probs, order):
-        top = [{"label": classes[i], "probability": float(p[i])} for i in idx]
+        top = [{"label": shown(classes[i]), "probability": float(p[i])} for i in idx]  # names from folders
         rows.append({"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
     return rows
 
@@ -64,12 +92,12 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str,
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
             if not found:
-                errors.append({"path": str(p), "error": f"{p}: folder holds no image files"})
+                errors.append({"path": shown(p), "error": f"{shown(p)}: folder holds no image files"})
             files.extend(found)
-        elif p.is_file():
+        elif p.exists():  # a FIFO or a device is refused by name when read
             files.append(p)
         else:
-            errors.append({"path": str(p), "error": f"{p}: no such file or folder"})
+            errors.append({"path": shown(p), "error": f"{shown(p)}: no such file or folder"})
     return files, errors
 
 
@@ -151,11 +179,16 @@ class BasePredictor:
         return decode_image(data, self.input_size, name)
 
     def predict_bytes(self, data: bytes, name: str = "image", top_k: int = 5) -> dict[str, Any]:
-        """Top-k for one encoded image (PNG, JPEG, ...); CifarCnnError if it cannot be decoded."""
-        return self.predict(self.decode(data, name)[None], top_k)[0]
+        """Top-k for one encoded image (PNG, JPEG, ...); CifarCnnError if it cannot be decoded, NonFiniteOutput
+        (naming it) if the model's outputs for it are not finite."""
+        try:
+            return self.predict(self.decode(data, name)[None], top_k)[0]
+        except NonFiniteOutput:
+            raise NonFiniteOutput(f"{shown(name)}: {NON_FINITE}") from None
 
     def predict_files(self, paths: Iterable[str | Path], top_k: int = 5) -> PredictionReport:
-        """Predict files and folders (recursively); unreadable files become errors while the rest are predicted."""
+        """Predict files and folders (recursively); files that cannot be read or decoded, and files the model gives
+        non-finite outputs for, become errors while the rest are predicted."""
         if top_k < 1:
             raise CifarCnnError(f"--top-k must be at least 1, got {top_k}")
         files, errors = find_images(paths)
@@ -163,22 +196,34 @@ class BasePredictor:
         for chunk in _chunks(files, self.batch_size):
             decoded, names = self.decode_files(chunk, report.errors)
             if decoded:
-                for name, row in zip(names, self.predict(np.stack(decoded), top_k)):
-                    report.predictions.append({"path": name, **row})
+                self._predict_decoded(np.stack(decoded), names, top_k, report)
         return report
+
+    def _predict_decoded(self, images: np.ndarray, names: list[str], top_k: int, report: PredictionReport) -> None:
+        """Rows for one batch of decoded files into `report`: a prediction per image with finite outputs, an error
+        per image without."""
+        logits = self.logits(as_batch(images, self.input_size))
+        _, finite = finite_probabilities(logits, self.temperature)
+        rows = iter(self.rows(logits[finite], top_k) if finite.any() else [])
+        for name, ok in zip(names, finite):
+            if ok:
+                report.predictions.append({"path": name, **next(rows)})
+            else:
+                report.errors.append({"path": name, "error": f"{name}: {NON_FINITE}"})
 
     def decode_files(self, files: Sequence[Path], errors: list[dict[str, str]]) -> tuple[list[np.ndarray], list[str]]:
         """Decode files as predict does: (images, their paths as predict prints them); each file that cannot be
         read or decoded is appended to `errors` as {"path", "error"} instead."""
         decoded, names = [], []
         for f in files:
+            name = shown(f)
             try:
-                decoded.append(self.decode(f.read_bytes(), str(f)))
-                names.append(str(f))
+                decoded.append(self.decode(read_capped(f, name), name))
+                names.append(name)
             except CifarCnnError as exc:
-                errors.append({"path": str(f), "error": str(exc)})
+                errors.append({"path": name, "error": str(exc)})
             except OSError as exc:
-                errors.append({"path": str(f), "error": f"{f}: cannot read ({exc.strerror or exc})"})
+                errors.append({"path": name, "error": f"{name}: cannot read ({exc.strerror or exc})"})
         return decoded, names
 
 

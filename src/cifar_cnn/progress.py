@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .data.preprocess import denormalize
 from .errors import CifarCnnError
 from .hooks import EpochTotals, Observers, TrainProgress
+from .names import shown_text
 
 __all__ = ["EpochTotals", "Observers", "ProgressBar", "TensorBoardLogger", "TrainProgress", "training_sample"]
 
@@ -56,7 +57,8 @@ class ProgressBar:
         return self._tqdm is None
 
     def log(self, message: str) -> None:
-        """Print a message above the bar (or as a line)."""
+        """Print a message above the bar (or as a line); names of any bytes in it as cifar_cnn.names shows them."""
+        message = shown_text(message)
         if self._bar is not None:
             self._tqdm.write(message, file=self.stream)
         else:

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_text, fsync_dir
+from .config import MAX_CONFIG_BYTES, check_size, load_yaml
 from .data.load import DEFAULT_SOURCE, DataSource
 from .errors import CifarCnnError
 from .version import __version__
@@ -332,9 +333,13 @@ def read_run_json(run_dir: str | Path) -> dict[str, Any]:
 
 def read_config_yaml(run_dir: str | Path) -> dict[str, Any]:
     """config.yaml of a run directory as a plain dict ({} when missing or unreadable)."""
+    path = Path(run_dir) / CONFIG
     try:
-        loaded = yaml.safe_load((Path(run_dir) / CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return {}
+        loaded = load_yaml(path.read_text())
+        check_size(loaded, str(path))  # aliases that expand beyond a config's size
+    except (OSError, ValueError, yaml.YAMLError, CifarCnnError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
 

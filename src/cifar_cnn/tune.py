@@ -7,8 +7,11 @@ accuracy and the pruner may stop it (a median pruner by default: a trial below t
 same epoch stops); a trial whose loss diverges is pruned too.
 
 The study lives in a database: SQLite in OUT/study.db by default (run `tune` again with the same --out, or --storage
-and --study, and it continues), or any SQLAlchemy URL that Optuna accepts (e.g. postgresql://user@host/db) so that
-workers on several machines share one study.
+and --study, and it continues), or any SQLAlchemy URL that Optuna accepts (e.g. postgresql://user@host/db, the
+`[postgres]` extra) so that workers on several machines share one study. Workers may start at the same moment on a
+fresh PostgreSQL database: opening the study (Optuna's tables, the study, its enqueued trials) is serialized by an
+advisory lock, so none fails creating what another is creating (optuna/optuna#1092). Each worker runs its own
+--trials and then writes the study as it stands into its own --out; the last to finish sees every trial.
 
 The search space and the search's settings come from a `tune:` section of the config file, which `train` ignores:
 
@@ -31,14 +34,16 @@ Besides the config keys, the space knows `dropout` (model_args.dropout) and `aug
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import inspect
 import io
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +269,208 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
 
+# ---- the storage: URL, driver, connection, a lock while the study is opened ---------------------------------------
+
+# PostgreSQL drivers SQLAlchemy knows, in the order a plain postgresql:// URL is given one: psycopg 3 (the [postgres]
+# extra; SQLAlchemy 2.1's default) first, then psycopg2 (SQLAlchemy 2.0's default), whichever is installed.
+POSTGRES_DRIVERS = ("psycopg", "psycopg2")
+POSTGRES_EXTRA = "pip install 'cifar-cnn[postgres]'"
+CONNECT_TIMEOUT_S = 10  # an unreachable database fails in seconds, not after the OS's TCP timeout (minutes)
+# The advisory lock's key (any 64-bit number the workers agree on): "cifa" in ASCII.
+SCHEMA_LOCK_KEY = 0x63696661
+
+
+def storage_url(url: str) -> str:
+    """A plain postgresql:// (or postgres://) URL with the installed driver named, so it works whichever SQLAlchemy
+    is installed (2.0 would pick psycopg2, 2.1 psycopg 3); any other URL as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for driver in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(driver) is not None:
+            return f"postgresql+{driver}://{rest}"
+    raise CifarCnnError(f"--storage {shown_url(url)}: no PostgreSQL driver is installed; {POSTGRES_EXTRA}")
+
+
+def shown_url(url: str) -> str:
+    """The URL for messages and files: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: show a short prefix
+        return url[:40]
+
+
+def check_driver(url: str) -> None:
+    """Refuse a URL SQLAlchemy cannot parse or whose driver is not installed, naming what to install."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise CifarCnnError(f"--storage {url[:40]}: not a database URL ({str(exc).splitlines()[0][:80]})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = POSTGRES_EXTRA + " and use postgresql://" if dialect.name == "postgresql" else "install it"
+        raise CifarCnnError(
+            f"--storage {shown_url(url)}: its driver {exc.name or dialect.driver!r} is not installed; {hint}"
+        ) from None
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options: a connect timeout for PostgreSQL (both drivers pass it to libpq)."""
+    return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if url.startswith("postgresql") else {}
+
+
+def unreachable(url: str, exc: Exception) -> CifarCnnError:
+    """One line for a database that cannot be reached: the host and port, and the server's or OS's reason."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    lines = [line.strip() for line in str(getattr(exc, "orig", None) or exc).splitlines() if line.strip()]
+    # libpq: 'connection failed: connection to server at "H", port P failed: Connection refused' (+ a hint line)
+    reason = lines[0].rsplit("failed: ", 1)[-1][:100] if lines else type(exc).__name__
+    return CifarCnnError(
+        f"--storage {shown_url(url)}: cannot connect to the database at {u.host or 'localhost'}:{u.port or 5432} "
+        f"({reason}); is the server running there, and the URL right?"
+    )
+
+
+@contextlib.contextmanager
+def schema_lock(url: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock while a worker creates or opens the study: workers started at the same moment
+    on a fresh database would otherwise race to create Optuna's tables (optuna/optuna#1092, a duplicate key in
+    pg_type) and the study (DuplicatedStudyError). Nothing to do for other databases."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, **engine_kwargs(url))
+    try:
+        try:
+            conn = engine.connect()
+        except sqlalchemy.exc.OperationalError as exc:
+            raise unreachable(url, exc) from None
+        with conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            conn.commit()  # the lock belongs to the session, not the transaction: it is held until unlocked
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def open_storage(url: str, optuna: Any) -> Any:
+    """Optuna's RDBStorage for the URL (tables created when missing); connection failures as one line."""
+    import sqlalchemy
+
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+    except sqlalchemy.exc.OperationalError as exc:
+        if not url.startswith("sqlite"):
+            raise unreachable(url, exc) from None
+        raise cannot_open(url, exc) from None
+    except (
+        sqlalchemy.exc.SQLAlchemyError,
+        ValueError,
+        ImportError,
+        RuntimeError,
+        optuna.exceptions.OptunaError,
+    ) as exc:
+        raise cannot_open(url, exc) from None
+
+
+def cannot_open(url: str, exc: Exception) -> CifarCnnError:
+    """One line for a study the database refuses (permissions, a newer schema, a file that is no database, ...)."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    return CifarCnnError(f"--storage {shown_url(url)}: cannot open the study ({first})")
+
+
+# ---- the search space as Optuna stores it: a study continued with another space is refused ------------------------
+
+
+class _SpaceRecorder:
+    """A stand-in for an Optuna trial that records the distribution each suggest_* call would create."""
+
+    def __init__(self, optuna: Any) -> None:
+        self.d, self.distributions = optuna.distributions, {}
+
+    def suggest_int(self, label: str, low: int, high: int, log: bool = False, step: int = 1) -> int:
+        self.distributions[label] = self.d.IntDistribution(low, high, log=log, step=step)
+        return low
+
+    def suggest_float(self, label: str, low: float, high: float, log: bool = False, step: float | None = None) -> float:
+        self.distributions[label] = self.d.FloatDistribution(low, high, log=log, step=step)
+        return low
+
+    def suggest_categorical(self, label: str, choices: list[Any]) -> Any:
+        self.distributions[label] = self.d.CategoricalDistribution(choices)
+        return choices[0]
+
+
+def space_distributions(space: dict[str, Any], optuna: Any) -> tuple[dict[str, Any], set[str]]:
+    """Every Optuna label the space can suggest with its distribution, and the labels every trial has (those that do
+    not depend on the optimizer)."""
+    recorder = _SpaceRecorder(optuna)
+    always = set()
+    for name, spec in space.items():
+        if _by_optimizer(spec) and name != "optimizer":
+            for optimizer, sub in spec.items():
+                _suggest_one(recorder, f"{name}[{optimizer}]", name, sub)
+        else:
+            _suggest_one(recorder, name, name, spec)
+            always.add(name)
+    return recorder.distributions, always & set(recorder.distributions)
+
+
+def _describe(dist: Any) -> str:
+    if hasattr(dist, "choices"):
+        return "choices " + ", ".join(_short(c) for c in dist.choices)[:60]
+    return (
+        f"{_short(dist.low)}..{_short(dist.high)}"
+        + (" log" if dist.log else "")
+        + (f" step {dist.step}" if dist.step else "")
+    )
+
+
+def check_same_space(study: Any, space: dict[str, Any], optuna: Any, where: str) -> None:
+    """Refuse to continue a study whose trials were sampled from another search space: TPE would mix the two and
+    best.yaml could come from a space the user no longer asks for."""
+    current, always = space_distributions(space, optuna)
+    for t in study.get_trials(deepcopy=False):
+        if not t.distributions:
+            continue  # a waiting (enqueued) trial: nothing sampled yet
+        for label, dist in sorted(t.distributions.items()):
+            now = current.get(label)
+            if now is None or now != dist:
+                was, is_ = _describe(dist), _describe(now) if now is not None else "not searched"
+                raise CifarCnnError(
+                    f"study {study.study_name!r} in {where} was searched over another space: {label} was {was}, now "
+                    f"{is_}; choose another --study (or the space it was searched over)"
+                )
+        missing = sorted(always - set(t.distributions))
+        if missing:
+            raise CifarCnnError(
+                f"study {study.study_name!r} in {where} was searched over another space: {missing[0]} was not "
+                f"searched, now it is; choose another --study (or the space it was searched over)"
+            )
+
+
+def join_study(study: Any) -> int:
+    """How many workers (or earlier runs) joined the study before this one; counted in the study's attributes."""
+    n = int(study.user_attrs.get("workers", 0))
+    study.set_user_attr("workers", n + 1)
+    return n
+
+
 def run_study(
     base: TrainConfig,
     data: str,
@@ -290,6 +497,8 @@ def run_study(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CifarCnnError(f"--out {out}: exists and is not a folder")
+    if storage:
+        check_driver(storage_url(storage))  # a missing driver fails now, not after the data is loaded
     # the data once up front: a bad source fails here, not in every trial, and the trials start from the cache
     ds = load_dataset(data, resolve_input_size(base), home=home, threads=threads, log=log)
     if ds.val_images is None and base.val_split == 0:
@@ -301,36 +510,11 @@ def run_study(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CifarCnnError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    storage = storage or default_storage(out)
-    if settings["pruner"] == "median":
-        pruner = optuna.pruners.MedianPruner(
-            n_startup_trials=settings["startup_trials"], n_warmup_steps=settings["warmup_epochs"]
-        )
-    else:
-        pruner = optuna.pruners.NopPruner()
-    try:
-        study = optuna.create_study(
-            study_name=study_name, storage=storage, direction="maximize", pruner=pruner, load_if_exists=True
-        )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
-        raise CifarCnnError(f"--storage {storage}: cannot open the study ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # SQLAlchemy's connection errors have many types
-        raise CifarCnnError(f"--storage {storage}: cannot open the study ({type(exc).__name__}: {exc})") from None
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise CifarCnnError(f"study {study_name!r} in {storage} is not a maximization study; choose another --study")
-    before = len(study.trials)
-    # a seed per continuation: a resumed study (or a second worker) does not replay the first trials' samples
-    seed = base.seed + before
-    sampler_cls = optuna.samplers.TPESampler if settings["sampler"] == "tpe" else optuna.samplers.RandomSampler
-    study.sampler = sampler_cls(seed=seed)
-    if before == 0:
-        for values in settings["enqueue"]:
-            config_for(base, values, "tune.enqueue")  # refuse bad values now, not in a trial
-            params = enqueue_params(values, settings["space"], base.optimizer)
-            study.enqueue_trial(params, user_attrs={"enqueued": _plain(values)}, skip_if_exists=True)
+    storage = storage_url(storage) if storage else default_storage(out)
     space = settings["space"]
     if "dropout" in space and "dropout" not in inspect.signature(model_info(base.model).builder).parameters:
         space = {k: v for k, v in space.items() if k != "dropout"}  # e.g. resnet18 has no dropout to search
+    study, before = open_study(optuna, study_name, storage, base, settings, space)
     trials_dir = out / "trials"
 
     def objective(trial: Any) -> float:
@@ -366,17 +550,58 @@ def run_study(
             outcome = f"pruned after epoch {steps[-1]}" if steps else "pruned (diverged)"
         else:
             outcome = str(trial.state.name).lower()
-        best = _best(study, optuna)
+        best = _best(study.trials, optuna)
         tail = f"; best {100 * best.value:.2f}% (trial {best.number})" if best is not None else ""
         log(f"trial {trial.number}: {values} -> {outcome}{tail}")
 
     t0 = time.perf_counter()
-    log(f"study {study_name!r} in {storage}: {before} trial(s) so far; running {trials} more")
+    log(f"study {study_name!r} in {shown_url(storage)}: {before} trial(s) so far; running {trials} more")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")  # an enqueued value, on purpose
         study.optimize(objective, n_trials=trials, catch=(CifarCnnError,), callbacks=[report])
-    summary = write_results(study, base, out, optuna, storage=storage, seconds=time.perf_counter() - t0, log=log)
+    seconds = time.perf_counter() - t0
+    summary = write_results(study, base, out, optuna, storage=shown_url(storage), seconds=seconds, log=log)
     return summary | ({"skipped_images": len(ds.skipped)} if ds.skipped else {})  # --skip-bad: the command exits 1
+
+
+def open_study(
+    optuna: Any, study_name: str, storage: str, base: TrainConfig, settings: dict[str, Any], space: dict[str, Any]
+) -> tuple[Any, int]:
+    """Create or continue the study, under the schema lock (its tables, the study itself and its enqueued trials are
+    created once however many workers start together); returns it and its number of trials so far."""
+    import sqlalchemy
+
+    if settings["pruner"] == "median":
+        pruner = optuna.pruners.MedianPruner(
+            n_startup_trials=settings["startup_trials"], n_warmup_steps=settings["warmup_epochs"]
+        )
+    else:
+        pruner = optuna.pruners.NopPruner()
+    check_driver(storage)
+    with schema_lock(storage):
+        rdb = open_storage(storage, optuna)
+        try:
+            study = optuna.create_study(
+                study_name=study_name, storage=rdb, direction="maximize", pruner=pruner, load_if_exists=True
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError, optuna.exceptions.OptunaError) as exc:
+            raise cannot_open(storage, exc) from None
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise CifarCnnError(
+                f"study {study_name!r} in {shown_url(storage)} is not a maximization study; choose another --study"
+            )
+        check_same_space(study, space, optuna, shown_url(storage))
+        before = len(study.trials)
+        # a seed per worker: a second worker (or a continuation) does not replay the first one's samples
+        seed = base.seed + join_study(study)
+        if before == 0:
+            for values in settings["enqueue"]:
+                config_for(base, values, "tune.enqueue")  # refuse bad values now, not in a trial
+                params = enqueue_params(values, settings["space"], base.optimizer)
+                study.enqueue_trial(params, user_attrs={"enqueued": _plain(values)}, skip_if_exists=True)
+    sampler_cls = optuna.samplers.TPESampler if settings["sampler"] == "tpe" else optuna.samplers.RandomSampler
+    study.sampler = sampler_cls(seed=seed)
+    return study, before
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -387,8 +612,8 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _best(study: Any, optuna: Any) -> Any:
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+def _best(trials: list[Any], optuna: Any) -> Any:
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     return max(done, key=lambda t: (t.value, -t.number)) if done else None
 
 
@@ -402,11 +627,13 @@ def write_results(
     seconds: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """best.yaml (a config file `train --config` accepts), trials.csv, search.png and the summary."""
+    """best.yaml (a config file `train --config` accepts), trials.csv, search.png and the summary, all from one
+    snapshot of the study as it stands now (with several workers: the last to finish sees every trial)."""
+    trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
-    for t in study.trials:
+    for t in trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    best = _best(study, optuna)
+    best = _best(trials, optuna)
     if best is None:
         raise CifarCnnError(f"no trial of study {study.study_name!r} completed ({states}); see the messages above")
     best_config = config_for(base, best.user_attrs["config"], "best trial")
@@ -415,12 +642,12 @@ def write_results(
         f"# train it with: cifar-cnn train --config {out / 'best.yaml'} --data SOURCE --out DIR\n"
     )
     atomic_write_text(out / "best.yaml", header + to_yaml(best_config))
-    _write_trials_csv(out / "trials.csv", study)
-    plot = _plot(out / "search.png", study, optuna, log)
+    _write_trials_csv(out / "trials.csv", trials)
+    plot = _plot(out / "search.png", study.study_name, trials, optuna, log)
     summary = {
         "study": study.study_name,
         "storage": storage,
-        "trials": len(study.trials),
+        "trials": len(trials),
         "states": states,
         "best": {
             "trial": best.number,
@@ -441,11 +668,11 @@ def write_results(
     return summary
 
 
-def _write_trials_csv(path: Path, study: Any) -> None:
+def _write_trials_csv(path: Path, trials: list[Any]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["trial", "state", "val_acc", "epochs_reported", "seconds", "values"])
-    for t in study.trials:
+    for t in trials:
         ended = t.datetime_complete and t.datetime_start
         secs = (t.datetime_complete - t.datetime_start).total_seconds() if ended else ""
         w.writerow(
@@ -461,7 +688,7 @@ def _write_trials_csv(path: Path, study: Any) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _plot(path: Path, study: Any, optuna: Any, log: Callable[[str], None]) -> Path | None:
+def _plot(path: Path, study_name: str, trials: list[Any], optuna: Any, log: Callable[[str], None]) -> Path | None:
     """Validation accuracy per trial (pruned trials at their last reported value) and the best so far."""
     try:
         import matplotlib
@@ -473,7 +700,7 @@ def _plot(path: Path, study: Any, optuna: Any, log: Callable[[str], None]) -> Pa
         return None
     done, pruned, best_x, best_y = [], [], [], []
     best = -math.inf
-    for t in sorted(study.trials, key=lambda t: t.number):
+    for t in sorted(trials, key=lambda t: t.number):
         if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None:
             done.append((t.number, t.value))
             best = max(best, t.value)
@@ -491,7 +718,7 @@ def _plot(path: Path, study: Any, optuna: Any, log: Callable[[str], None]) -> Pa
         ax.step(best_x, best_y, where="post", color="tab:green", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"study {study.study_name}: {len(study.trials)} trials")
+    ax.set_title(f"study {study_name}: {len(trials)} trials")
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="best")

@@ -4,7 +4,6 @@ archive), a folder with a labels file, and the official CIFAR python files (alre
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ import numpy as np
 
 from ..errors import CifarCnnError
 from .dataset import Dataset
-from .images import image_extensions
+from .images import MAX_FILE_BYTES, image_extensions, printable
 from .labels import carve_test_split, read_labels
 from .sources import (
     SPLITS,
@@ -23,10 +22,17 @@ from .sources import (
     _read_tar_member,
     _tree_entry,
     check_member_name,
+    check_member_size,
     natural_key,
     zlib_error,
 )
-from .store import SPLIT_CODES, Entry
+from .store import SPLIT_CODES, Entry, tree_files
+
+# The images of a compressed tar archive are held in memory until decoded (a gzip stream cannot be read at random);
+# beyond this total the archive is refused with advice to extract it. Uncompressed .tar and .zip members are read
+# from the file when decoded, one at a time.
+MAX_ARCHIVE_MEMORY = 2 * 2**30
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
 @dataclass
@@ -70,7 +76,9 @@ def _check_tree(by_split: dict[str, dict[str, int]], where: str) -> list[str]:
 
 
 def _tree_catalog(found: Iterable[tuple[str, str, str, Path | Callable[[], bytes]]], where: str) -> Catalog:
-    items = [(split, cls, name, load, False, name) for split, cls, name, load in found]
+    """Class names and file names are made printable (a non-UTF-8 name's bytes shown as \\xNN) here, once: they
+    end up in messages, checkpoints, JSON and reports."""
+    items = [(split, printable(cls), printable(name), load, False, name) for split, cls, name, load in found]
     by_split: dict[str, dict[str, int]] = {}
     for split, cls, *_ in items:
         by_split.setdefault(split, {}).setdefault(cls, 0)
@@ -80,48 +88,90 @@ def _tree_catalog(found: Iterable[tuple[str, str, str, Path | Callable[[], bytes
 
 
 def tree_folder(root: Path) -> Catalog:
-    """An image-folder tree on disk: ROOT/{train,test[,val]}/<class>/<image>."""
+    """An image-folder tree on disk: ROOT/{train,test[,val]}/<class>/<image>. Images in sub-folders of a class folder
+    belong to that class; links to folders (a class folder that is a link) are followed, a link loop is not."""
     exts, found = image_extensions(), []
     for split in SPLITS:
-        base = root / split
-        for dirpath, _, files in os.walk(base):
-            for fname in files:
-                path = Path(dirpath) / fname
-                hit = _tree_entry(PurePosixPath(path.relative_to(root).as_posix()), exts)
-                if hit is not None:
-                    found.append((hit[0], hit[1], str(path), path))
+        for path in tree_files(root / split):
+            hit = _tree_entry(PurePosixPath(path.relative_to(root).as_posix()), exts)
+            if hit is not None:
+                found.append((hit[0], hit[1], str(path), path))
     return _tree_catalog(found, str(root))
 
 
 def tree_archive(path: Path) -> Catalog:
-    """An image-folder tree inside a .tar, .tar.gz or .zip archive (nothing is extracted). Zip members are read when
-    decoded; a tar archive (read front to back) is read into memory first."""
-    exts, found = image_extensions(), []
+    """An image-folder tree inside a .tar, .tar.gz or .zip archive (nothing is extracted). Only image members are
+    read, each after its declared size is checked (MAX_FILE_BYTES): zip and uncompressed tar members when decoded,
+    those of a compressed tar (read front to back) into memory first, up to MAX_ARCHIVE_MEMORY in all."""
+    exts = image_extensions()
     if zipfile.is_zipfile(path):
-        try:
-            zf = zipfile.ZipFile(path)
-            for info in zf.infolist():
-                hit = None if info.is_dir() else _tree_entry(check_member_name(info.filename, path), exts)
-                if hit is not None:
-                    found.append((hit[0], hit[1], f"{path}:{info.filename}", _zip_reader(zf, info, path)))
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
-            raise CifarCnnError(f"{path}: zip archive is corrupt or truncated ({exc})") from None
-        return _tree_catalog(found, str(path))
+        return _tree_catalog(_zip_found(path, exts), str(path))
+    with open(path, "rb") as f:
+        plain = not f.read(6).startswith(COMPRESSED_MAGIC)
+    found, held = [], 0
     with _open_tar(path) as tf:
         for m in _checked_members(tf, path):
             hit = _tree_entry(check_member_name(m.name, path), exts) if m.isfile() else None
-            if hit is not None:
-                blob = _read_tar_member(tf, m, path)
-                found.append((hit[0], hit[1], f"{path}:{m.name}", (lambda b=blob: b)))
+            if hit is None:
+                continue  # not an image of the tree: never read
+            check_member_size(m.size, m.name, path, MAX_FILE_BYTES)
+            if plain and not m.issparse():
+                load = _range_reader(path, m.offset_data, m.size, f"{path}:{m.name}")
+            else:
+                held += m.size
+                if held > MAX_ARCHIVE_MEMORY:
+                    raise CifarCnnError(
+                        f"{path}: its images add up to more than {MAX_ARCHIVE_MEMORY / 2**30:.0f} GiB, too much to "
+                        "hold in memory from a compressed archive; extract it and pass the folder"
+                    )
+                load = lambda b=_read_tar_member(tf, m, path): b  # noqa: E731
+            found.append((hit[0], hit[1], f"{path}:{m.name}", load))
     return _tree_catalog(found, str(path))
 
 
-def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Callable[[], bytes]:
+def _zip_found(path: Path, exts: set[str]) -> list[tuple[str, str, str, Callable[[], bytes]]]:
+    found = []
+    try:
+        zf = zipfile.ZipFile(path)
+        for info in zf.infolist():
+            hit = None if info.is_dir() else _tree_entry(check_member_name(info.filename, path), exts)
+            if hit is not None:
+                check_member_size(info.file_size, info.filename, path, MAX_FILE_BYTES)
+                found.append((hit[0], hit[1], f"{path}:{info.filename}", _zip_reader(zf, info, path)))
+    except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
+        raise CifarCnnError(f"{path}: zip archive is corrupt or truncated ({exc})") from None
+    return found
+
+
+def _range_reader(path: Path, offset: int, size: int, name: str) -> Callable[[], bytes]:
+    """Reads `size` bytes at `offset` of an uncompressed tar archive when called: no member is held in memory."""
+
     def read() -> bytes:
         try:
-            return zf.read(info)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as exc:
+            raise CifarCnnError(f"{printable(name)}: cannot read ({exc.strerror or exc})") from None
+        if len(data) != size:
+            raise CifarCnnError(f"{printable(name)}: archive is truncated; download or copy it again")
+        return data
+
+    return read
+
+
+def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Callable[[], bytes]:
+    """Reads a member when called, at most MAX_FILE_BYTES whatever its header claims."""
+
+    def read() -> bytes:
+        try:
+            with zf.open(info) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
         except (zipfile.BadZipFile, OSError, EOFError, zlib_error()) as exc:
             raise CifarCnnError(f"{path}: zip archive is corrupt or truncated at {info.filename} ({exc})") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise CifarCnnError(f"{path}:{info.filename}: archive member is larger than {MAX_FILE_BYTES:,} bytes")
+        return data
 
     return read
 

@@ -24,6 +24,9 @@ import numpy as np
 
 from ..choices import SPLITS
 from ..errors import CifarCnnError
+from .images import read_capped
+
+MAX_LABELS_BYTES = 256 * 2**20  # a labels file of millions of rows is ~100 MB
 
 LABEL_SUFFIXES = (".csv", ".jsonl")
 SKIP_ADVICE = "fix or remove the row, or pass --skip-bad to skip it"
@@ -138,14 +141,9 @@ def carve_test_split(labels: np.ndarray, keys: Sequence[str], fraction: float) -
 
 
 def _read_text(labels_file: Path, name: str) -> str:
-    try:
-        raw = labels_file.read_bytes()
-    except FileNotFoundError:
-        raise CifarCnnError(f"{name}: no such labels file; check the --labels path") from None
-    except OSError as e:
-        raise CifarCnnError(
-            f"{name}: cannot read the labels file ({e.strerror or e}); check the --labels path"
-        ) from None
+    if not labels_file.exists():
+        raise CifarCnnError(f"{name}: no such labels file; check the --labels path")
+    raw = read_capped(labels_file, name, MAX_LABELS_BYTES)  # a FIFO or /dev/zero is refused, not read forever
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

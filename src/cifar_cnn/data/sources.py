@@ -23,6 +23,7 @@ import numpy as np
 from ..choices import LABEL_SETS, check_choice
 from ..errors import CifarCnnError
 from .dataset import Dataset, canonical_order
+from .images import MAX_FILE_BYTES, read_capped
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # per-channel mean and std of the CIFAR-10 training images (0..1 pixels): the models' and recipes' default normalization
@@ -39,6 +40,9 @@ CIFAR100_FILES = (CIFAR100_TRAIN, CIFAR100_TEST, CIFAR100_META)
 # label set -> (key of the labels in train and test, key of the class names in meta): 'fine_labels', ...
 CIFAR100_LABEL_KEYS = {s: (f"{s}_labels", f"{s}_label_names") for s in LABEL_SETS}
 SPLITS = ("train", "val", "test")
+# An official python file is read whole (it is one pickle): CIFAR-100's `train` is 155 MB; anything this much larger
+# is not one, and is refused before it is read (issue 16: a 2 GB member took 2.3 GB of memory).
+MAX_BATCH_BYTES = 512 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def _assemble_official(read: Callable[[str], bytes | None], where: str, layout: 
 def _folder_files(folder: Path) -> Callable[[str], bytes | None]:
     def read(name: str) -> bytes | None:
         p = folder / name
-        return p.read_bytes() if p.is_file() else None
+        return read_capped(p, str(p), MAX_BATCH_BYTES) if p.exists() else None
 
     return read
 
@@ -197,7 +201,7 @@ def _archive_files(path: Path, wanted: Iterable[str]) -> dict[str, bytes]:
         for member in _checked_members(tf, path):
             base = PurePosixPath(member.name).name
             if member.isfile() and base in wanted:
-                blobs[base] = _read_tar_member(tf, member, path)
+                blobs[base] = _read_tar_member(tf, member, path, MAX_BATCH_BYTES)
     return blobs
 
 
@@ -240,10 +244,23 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         raise CifarCnnError(f"{path}: not a readable tar archive ({reason}); download or copy it again") from None
 
 
-def _read_tar_member(tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
+def check_member_size(size: int, member: str, path: Path | str, max_bytes: int = MAX_FILE_BYTES) -> None:
+    """Refuse an archive member whose declared size is over `max_bytes`, before a byte of it is read."""
+    if size > max_bytes:
+        raise CifarCnnError(
+            f"{path}:{member}: archive member of {size:,} bytes is larger than the limit of {max_bytes:,} bytes; "
+            "remove it from the archive"
+        )
+
+
+def _read_tar_member(
+    tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path, max_bytes: int = MAX_FILE_BYTES
+) -> bytes:
+    """A regular member's bytes, its declared size checked against `max_bytes` first (the read stops there too)."""
+    check_member_size(member.size, member.name, path, max_bytes)
     try:
         f = tf.extractfile(member)
-        return f.read() if f is not None else b""
+        return f.read(max_bytes) if f is not None else b""
     except (tarfile.TarError, OSError, EOFError, zlib_error()) as exc:
         raise CifarCnnError(f"{path}: archive is corrupt or truncated at {member.name} ({exc})") from None
 
@@ -315,10 +332,14 @@ def natural_key(name: str) -> list[object]:
 
 
 def _tree_entry(rel: PurePosixPath, exts: set[str]) -> tuple[str, str] | None:
-    """(split, class) for a relative path `.../<split>/<class>/<file>` of an image file, else None."""
+    """(split, class) for a relative path `[...]/<split>/<class>/[<sub-folders>/]<file>` of an image file, else None.
+
+    The split is the first part named train, val or test with a class folder below it; images in sub-folders of a
+    class folder belong to that class. Hidden files and anything under a hidden sub-folder are left out."""
     parts = rel.parts
-    if len(parts) < 3 or parts[-3] not in SPLITS or parts[-1].startswith("."):
+    at = next((i for i, part in enumerate(parts[:-2]) if part in SPLITS), None)
+    if at is None or any(part.startswith(".") for part in parts[at + 2 :]):
         return None
     if PurePosixPath(parts[-1]).suffix.lower() not in exts:
         return None
-    return parts[-3], parts[-2]
+    return parts[at], parts[at + 1]

@@ -207,7 +207,7 @@ class Build:
         with self._lock:
             self.messages += messages
             if self.skipped_file is not None and messages:  # before the status: no skip without its reason
-                with open(self.skipped_file, "a", encoding="utf-8") as f:
+                with open(self.skipped_file, "a", encoding="utf-8", errors="backslashreplace") as f:
                     f.write("".join(m.replace("\n", " ") + "\n" for m in messages))
             if self.status_file is not None:  # after the pixels: a chunk marked done is in the page cache
                 with open(self.status_file, "r+b") as f:
@@ -307,6 +307,7 @@ def build_store(
     source, `stamp`); `skipped`: what was left out before decoding (label rows naming missing files); `notes`:
     lines to tell whoever loads it."""
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
     status_file, pixels_file, skipped_file = folder / "status.u8", folder / "pixels.u8", folder / "skipped.txt"
     plan = _load_plan(folder, entries, stamp)
     if plan is None:
@@ -329,7 +330,7 @@ def build_store(
     build.run(threads, log, what)
     if isinstance(pixels, np.memmap):
         pixels.flush()
-    earlier = skipped_file.read_text(encoding="utf-8").splitlines() if skipped_file.is_file() else []
+    earlier = skipped_file.read_text(encoding="utf-8", errors="replace").splitlines() if skipped_file.is_file() else []
     build.messages = sorted(set(earlier) | set(build.messages))  # reasons from an interrupted run's chunks too
     arrays, meta = _finish(build, classes, size, meta)
     atomic_write_bytes(folder / "index.npz", _index_bytes(arrays, classes, meta))
@@ -376,7 +377,7 @@ def build_in_memory(
 def _names_key(entries: list[Entry]) -> str:
     digest = hashlib.sha256()
     for e in entries:
-        digest.update(f"{e.name}\0{e.label}\0{e.split}\n".encode())
+        digest.update(f"{e.name}\0{e.label}\0{e.split}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
 
@@ -403,19 +404,49 @@ def files_stamp(paths: Iterable[Path], root: Path | None = None) -> str:
         try:
             st = p.stat()
         except OSError:
-            digest.update(f"{p}\0missing\n".encode())
+            digest.update(f"{p}\0missing\n".encode("utf-8", "surrogatepass"))
             continue
         name = os.path.relpath(p, root) if root is not None else str(p)
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
 
 
 def tree_files(root: Path) -> Iterator[Path]:
-    """Every file under `root`, in a fixed order."""
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            yield Path(dirpath) / name
+    """Every file under `root` (anything that is not a folder: links, FIFOs and devices too, for the decoder to
+    refuse by name), in a fixed order. Links to folders are followed, except a link back to a folder it is inside
+    (a loop): two links to one folder list its files twice, under each."""
+    stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(root, frozenset())]
+    while stack:
+        folder, above = stack.pop()
+        try:
+            st = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        inside = above | {(st.st_dev, st.st_ino)}
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                yield Path(entry.path)
+                continue
+            try:
+                sub = entry.stat()
+            except OSError:
+                continue
+            if (sub.st_dev, sub.st_ino) not in inside:
+                subfolders.append(Path(entry.path))
+        stack.extend((sub, inside) for sub in reversed(subfolders))
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files (`.<name>.<random>.tmp`, see cifar_cnn.atomic) that a writer killed in the middle
+    of a write left in a store's folder. Called with the store's lock held: no live writer of this store exists."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def store_folder(home: Path, key: list) -> Path:

@@ -32,6 +32,21 @@ class DivergenceError(CifarCnnError):
     """The loss became NaN or infinite."""
 
 
+def divergence(loss: torch.Tensor, x: torch.Tensor, epoch: int, step: int) -> DivergenceError:
+    """Why the loss is not finite, with the advice that fits: NaN or infinite inputs come from the normalization
+    (a std so small that pixels / std overflow, a NaN mean), not from the learning rate."""
+    where = f"at epoch {epoch + 1}, step {step + 1}"
+    if not bool(torch.isfinite(x).all()):
+        return DivergenceError(
+            f"the training images hold NaN or infinite values after normalization {where}: check the mean and std "
+            "(--mean/--std, the config file's mean/std, or the checkpoint's; std must not be near 0)"
+        )
+    return DivergenceError(
+        f"the training loss became {loss.item()} {where}; training diverged: lower the learning rate (--lr) and "
+        "train again"
+    )
+
+
 def updates_per_epoch(steps_per_epoch: int, accum_steps: int) -> int:
     """Optimizer updates in an epoch of `steps_per_epoch` batches, `accum_steps` batches per update (the last update
     of an epoch may take fewer)."""
@@ -233,10 +248,7 @@ def train_one_epoch(
             logits = model(x)
         loss = batch_loss(logits.float(), y, label_smoothing, loss_reduction, class_weights)
         if not torch.isfinite(loss):
-            raise DivergenceError(
-                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                "training diverged: lower the learning rate (--lr) and train again"
-            )
+            raise divergence(loss, x, epoch, step)
         weight = _share(loader, step, group, loss_reduction) * (loss_weight(step, len(y)) if loss_weight else 1.0)
         with sync():
             backward(loss * weight if weight != 1.0 else loss, scaler)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..explain import heat_colors
+from ..names import shown
 
 CELL_LIMIT = 25  # images listed per cell, as the issue asks
 MAX_IMAGES = 2500  # = CIFAR-10's 100 cells x 25, about 5 MB of page; more would make the page slow to open
@@ -223,7 +224,7 @@ def render_browser(data: dict[str, Any], classes: Sequence[str]) -> str:
     """The panel, its data and its script, placed after the confusion-matrix table (id confusion-matrix)."""
     return (
         '<div id="browser"></div>'
-        f'<script type="application/json" id="browser-classes">{_script_json(list(classes))}</script>'
+        f'<script type="application/json" id="browser-classes">{_script_json([shown(c) for c in classes])}</script>'
         f'<script type="application/json" id="browser-data">{_script_json(data)}</script>'
         f"<script>{BROWSER_JS}</script>"
     )

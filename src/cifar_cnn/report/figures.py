@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ..atomic import atomic_write_bytes
+from ..names import shown
 
 PNG_DPI = 100
 TRAIN_COLOR, VAL_COLOR, LR_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c"  # matplotlib's tab:blue, tab:orange, tab:green
@@ -100,8 +101,9 @@ def confusion_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) ->
     im = ax.imshow(cm, cmap="Blues", vmin=0)
     fig.colorbar(im, ax=ax, shrink=0.8, label="images")
     small = {} if n <= ANNOTATE_MAX else {"fontsize": 5}
-    ax.set_xticks(range(n), labels=list(classes), rotation=45 if n <= ANNOTATE_MAX else 90, ha="right", **small)
-    ax.set_yticks(range(n), labels=list(classes), **small)
+    names = [shown(c) for c in classes]  # class names are folder names: any bytes
+    ax.set_xticks(range(n), labels=names, rotation=45 if n <= ANNOTATE_MAX else 90, ha="right", **small)
+    ax.set_yticks(range(n), labels=names, **small)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("confusion matrix (test split)")
@@ -145,7 +147,7 @@ def plot_per_class(
     ax = fig.subplots()
     ax.set_label("per-class accuracy")
     bars = ax.barh(range(len(names)), values, color=TRAIN_COLOR)
-    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_yticks(range(len(names)), labels=[shown(c) for c in names])
     ax.invert_yaxis()
     ax.set_xlim(0, 1.08)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -208,7 +210,8 @@ def prediction_captions(
         pred = int(probs[i].argmax())
         ok = pred == int(labels[i])
         mark = "" if ok else "✗ "
-        captions.append(f"{mark}{classes[pred]} {100 * probs[i, pred]:.0f}%\ntrue: {classes[int(labels[i])]}")
+        truth = shown(classes[int(labels[i])])
+        captions.append(f"{mark}{shown(classes[pred])} {100 * probs[i, pred]:.0f}%\ntrue: {truth}")
         wrong.append(not ok)
     return captions, wrong
 
@@ -347,7 +350,7 @@ def plot_class_samples(
     ax = fig.subplots()
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([r * cell + side / 2 for r in range(rows)], labels=list(classes), fontsize=9)
+    ax.set_yticks([r * cell + side / 2 for r in range(rows)], labels=[shown(c) for c in classes], fontsize=9)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)

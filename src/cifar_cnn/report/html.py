@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..names import shown, shown_strings
 from ..rundir import LAST
 from .browser import BROWSER_CSS, CELL_LIMIT
 
@@ -18,7 +19,8 @@ def _data_uri(png: bytes) -> str:
 
 
 def _esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
+    """Text for the page: names of any bytes shown (cifar_cnn.names), then HTML-escaped."""
+    return html.escape(shown(str(v)), quote=True)
 
 
 def pct(v: float | None) -> str:
@@ -29,9 +31,14 @@ def _num(v: float | None, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _compact(value: dict[str, Any] | list[Any]) -> str:
+    """A list or mapping as JSON for reading: names shown (cifar_cnn.names), other characters as they are."""
+    return json.dumps(shown_strings(value), ensure_ascii=False)
+
+
 def _kv_table(items: dict[str, Any], table_id: str) -> str:
     rows = "".join(
-        f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>"
+        f"<tr><th>{_esc(k)}</th><td>{_esc(_compact(v) if isinstance(v, (dict, list)) else v)}</td></tr>"
         for k, v in items.items()
     )
     return f'<table id="{table_id}" class="kv">{rows}</table>'

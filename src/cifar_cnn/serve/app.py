@@ -1,5 +1,6 @@
 """FastAPI app around a predictor: POST /predict, POST /explain, GET /health, GET /metrics, GET / (the web page),
-/docs.
+/openapi.json (and /docs, /redoc with `docs=True`: those pages load their scripts from a public CDN, so they are
+off by default and blank offline).
 
 Requests that arrive together are answered by one forward pass: `MicroBatcher` collects decoded images for up to
 `max_wait_ms` after the first one (or until `max_batch` are waiting) and runs the model once on all of them, in a
@@ -9,7 +10,10 @@ form the next batch, so under load batches grow by themselves. /metrics counts t
 Uploads are checked before the model sees them: a body larger than the limit is refused from its Content-Length
 (or as it streams in), an empty file gets 400, a file Pillow cannot read or a decompression bomb gets 422, and so
 does a request FastAPI cannot validate (no `file` field, a `top_k` that is not a positive integer), each with a
-one-line message in {"detail": "..."}, as the OpenAPI schema documents. Nothing a client uploads causes a 5xx.
+one-line message in {"detail": "..."} (control characters escaped, in one place: `limits.one_line`), as the
+OpenAPI schema documents. Nothing a client uploads causes a 5xx but 503: at most `max_decodes` uploads are read and
+decoded at once (the memory bound), `max_waiting` wait their turn, and one more gets 503 with Retry-After. The
+limits on slow clients, connections and the Host header are in serve/limits.py.
 
 POST /explain takes the same upload under the same rules and answers predict's labels with a heat map (see
 cifar_cnn.explain) over the centre crop the model sees. It needs gradients, so it exists only for a PyTorch model
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -34,11 +40,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..choices import EXPLAIN_METHODS
 from ..errors import CifarCnnError
+from ..names import shown
 from ..predict_core import BasePredictor
+from .limits import (
+    Busy,
+    DecodeSlots,
+    HostCheck,
+    ServeLimits,
+    bind_socket,
+    detail_response,
+    guarded_protocol,
+    parse_allowed_hosts,
+    quiet_accept_errors,
+    raise_fd_limit,
+    url_host,
+)
 
 if TYPE_CHECKING:
     from ..explain import Explainer
@@ -86,6 +107,7 @@ def error_responses(unprocessable: str) -> dict[int | str, dict[str, Any]]:
             (400, "Empty upload or a body that is not multipart/form-data"),
             (413, "Upload over the size limit"),
             (422, unprocessable),
+            (503, "Every decode slot busy and the waiting line full: retry after Retry-After seconds"),
         ]
     }
 
@@ -214,7 +236,7 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             self.on_reject()
-            response = JSONResponse({"detail": self.message()}, status_code=413)
+            response = detail_response(413, self.message())
             await response(scope, receive, send)
             return
         seen = 0
@@ -279,11 +301,16 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     max_batch: int = 32,
     max_wait_ms: float = 5.0,
+    limits: ServeLimits = ServeLimits(),
+    allowed_hosts: frozenset[str] | None = None,
+    docs: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving `predictor` (a `Predictor` or `OnnxPredictor`)."""
+    """The FastAPI app serving `predictor` (a `Predictor` or `OnnxPredictor`). `allowed_hosts`: the Host names it
+    answers to (None: any); `docs`: serve /docs and /redoc (their scripts come from a CDN)."""
     if max_upload_bytes < 1:
         raise CifarCnnError(f"--max-upload-mb must be positive, got {max_upload_bytes} bytes")
     batcher = MicroBatcher(predictor.logits, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    slots = DecodeSlots(limits)
     stats = Stats()
     info = predictor.describe()
     explainer, no_gradcam = explainer_for(predictor)
@@ -291,6 +318,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        quiet_accept_errors(asyncio.get_running_loop())
         await batcher.start()
         try:
             yield
@@ -303,19 +331,26 @@ def create_app(
         description="Upload an image to POST /predict (or to POST /explain for a heat map of what the answer rests "
         "on); the web page at / does the same from a browser.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.add_middleware(
         BodyLimit, limit=max_upload_bytes + MULTIPART_OVERHEAD, on_reject=lambda: stats.rejected.update([413])
     )
+    app.add_middleware(HostCheck, allowed=allowed_hosts, on_reject=lambda: stats.rejected.update([400]))  # outermost
 
     def reject(status: int, detail: str) -> HTTPException:
         stats.rejected[status] += 1
         return HTTPException(status_code=status, detail=detail)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return detail_response(exc.status_code, str(exc.detail), exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         stats.rejected[422] += 1
-        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+        return detail_response(422, validation_message(exc.errors()))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -333,21 +368,29 @@ def create_app(
 
     @app.get("/metrics", summary="Request counts and the batch sizes the micro-batcher used")
     async def metrics() -> dict[str, Any]:
-        return metrics_of(stats, batcher)
+        return {**metrics_of(stats, batcher), "decoding_waiting": slots.waiting, "max_decodes": slots.size}
 
     async def read_upload(file: UploadFile) -> tuple[str, np.ndarray]:
-        """(the file's name, the decoded (3, S, S) uint8 image), or the 4xx both upload routes answer."""
-        data = await file.read(max_upload_bytes + 1)
-        await file.close()
-        name = file.filename or "upload"
-        if not data:
-            raise reject(400, f"{name}: empty upload; send an image file in the 'file' form field")
-        if len(data) > max_upload_bytes:
-            raise reject(413, f"{name}: upload too large: the limit is {max_upload_bytes:,} bytes per image")
+        """(the file's name, the decoded (3, S, S) uint8 image), or the 4xx both upload routes answer (503 when
+        every decode slot is busy and the line is full). Read and decoded in a slot: bytes and pixels of at most
+        `limits.max_decodes` uploads are in memory at once."""
+        name = shown(file.filename or "upload")
         try:
-            return name, await run_in_threadpool(predictor.decode, data, name)
-        except CifarCnnError as exc:
-            raise reject(422, str(exc)) from None
+            async with slots.slot():
+                data = await file.read(max_upload_bytes + 1)
+                await file.close()
+                if not data:
+                    raise reject(400, f"{name}: empty upload; send an image file in the 'file' form field")
+                if len(data) > max_upload_bytes:
+                    raise reject(413, f"{name}: upload too large: the limit is {max_upload_bytes:,} bytes per image")
+                try:
+                    return name, await run_in_threadpool(predictor.decode, data, name)
+                except CifarCnnError as exc:
+                    raise reject(422, str(exc)) from None
+        except Busy as exc:
+            await file.close()
+            stats.rejected[503] += 1
+            raise HTTPException(status_code=503, detail=str(exc), headers={"Retry-After": "1"}) from None
 
     @app.post("/predict", summary="Classify one uploaded image", response_model=Prediction, responses=ERRORS)
     async def predict(
@@ -357,7 +400,10 @@ def create_app(
         stats.requests += 1
         name, image = await read_upload(file)
         logits = await batcher.submit(image)
-        row = predictor.rows(logits[None], top_k)[0]
+        try:
+            row = predictor.rows(logits[None], top_k)[0]
+        except CifarCnnError as exc:  # NaN or infinite outputs (finite weights can overflow): never NaN in JSON
+            raise reject(422, f"{name}: {exc}") from None
         stats.predictions += 1
         return {"filename": name, **row}
 
@@ -417,7 +463,10 @@ def add_explain_route(
         except CifarCnnError as exc:
             raise reject(422, api_words(str(exc))) from None
         name, image = await read_upload(file)
-        row = await batcher.run(explanation, explainer, image, method, target, top_k)
+        try:
+            row = await batcher.run(explanation, explainer, image, method, target, top_k)
+        except CifarCnnError as exc:  # NaN or infinite outputs
+            raise reject(422, f"{name}: {exc}") from None
         stats.explanations += 1
         return {"filename": name, **row}
 
@@ -427,17 +476,44 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    sock: socket.socket | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
     max_batch: int = 32,
     max_wait_ms: float = 5.0,
+    limits: ServeLimits = ServeLimits(),
+    allowed_hosts: str | None = None,
+    docs: bool = False,
     log_level: str = "info",
     log: Callable[[str], None] = print,
 ) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn on `sock` (else a socket bound to host:port now) until interrupted. `allowed_hosts`:
+    the --allowed-hosts text (None: the bound address's own names, see limits.parse_allowed_hosts)."""
     import uvicorn
 
-    app = create_app(predictor, max_upload_bytes=max_upload_bytes, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    allowed = parse_allowed_hosts(allowed_hosts, host)
+    limits = dataclasses.replace(limits, max_connections=raise_fd_limit(limits.max_connections, log))
+    app = create_app(
+        predictor,
+        max_upload_bytes=max_upload_bytes,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        limits=limits,
+        allowed_hosts=allowed,
+        docs=docs,
+    )
+    sock = sock or bind_socket(host, port)
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: --host {host} makes the server reachable from other machines; it has no authentication")
-    log(f"serving {getattr(predictor, 'name', 'model')} on http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("debug", "trace"))
+    if allowed is None and allowed_hosts is None:
+        log("warning: any Host header is accepted on a wildcard address; --allowed-hosts NAMES restricts them")
+    pages = "API docs at /docs" if docs else "API schema at /openapi.json"
+    url = f"http://{url_host(host.strip('[]'))}:{sock.getsockname()[1]}/"
+    log(f"serving {getattr(predictor, 'name', 'model')} on {url} ({pages})")
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(limits),
+        log_level=log_level,
+        access_log=log_level in ("debug", "trace"),
+        timeout_keep_alive=5,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
