@@ -109,7 +109,7 @@ HTTP_CASES: list[HttpCase] = [
         "an empty upload whose file name holds a newline (before: a two-line detail)",
         lambda: raw_upload(b"a\nb.png"),
         400,
-        "a\\nb.png: empty upload",
+        "a\\x0ab.png: empty upload",
     ),
     (
         "http-filename-control-characters",

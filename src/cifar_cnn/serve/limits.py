@@ -65,9 +65,15 @@ class ServeLimits:
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    """`text` as one printable line: control characters (newlines in a file name) escaped, at most `limit` chars."""
-    text = CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    """`text` as one printable line of valid UTF-8: control characters (a newline in a file name) and line separators
+    escaped as cifar_cnn.names does (`\\x0a`, `\\u2028`), lone surrogates as `\\udcNN`, at most `limit` chars."""
+    text = CONTROL.sub(_escaped, str(text)).encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def detail_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
