@@ -4,7 +4,9 @@ For a trained checkpoint and its data this script measures, on a seed-fixed samp
 
 1. the deletion test of every method (cifar_cnn.explain.deletion_test): the mean fall of predict's probability for
    the predicted class when the 20% of pixels the map ranks highest are set to grey (128), against greying a random
-   20% ("margin") and against one centre-weighted map used for every image ("margin vs centre"), in points;
+   20% drawn at the map's own resolution ("margin": single pixels for the gradient methods, Grad-CAM's h x w regions
+   for Grad-CAM), against random single pixels whatever the map ("margin vs pixels") and against one
+   centre-weighted map used for every image ("margin vs centre"), in points;
 2. the model-randomization check (cifar_cnn.explain.randomization_check) on the first `--random-images` of them:
    Spearman's rank correlation between the maps of the model and of a copy with re-initialized weights;
 3. the seconds each method takes per image on this machine;
@@ -69,8 +71,9 @@ def main() -> int:
         started = time.perf_counter()
         maps = explainer.maps(images, method)
         seconds = time.perf_counter() - started
-        deletion = deletion_test(explainer, images, method, seed=args.seed, maps=maps)
-        blocks = deletion_test(explainer, images, method, seed=args.seed, maps=maps, block=args.block)
+        grain = explainer.resolution(method)
+        deletion = deletion_test(explainer, images, method, seed=args.seed, maps=maps, resolution=grain)
+        blocks = deletion_test(explainer, images, method, seed=args.seed, maps=maps, block=args.block, resolution=grain)
         randomized = randomization_check(explainer, images[: args.random_images], method, seed=args.seed)
         rows.append(
             {**deletion, "blocks": blocks, "ms_per_image": 1000 * seconds / len(images), "randomization": randomized}
@@ -97,15 +100,16 @@ def main() -> int:
         "torch": torch.__version__,
     }
     print(
-        "| method | drop (points) | random 20% | centre map | margin | margin vs centre | Spearman vs random "
-        "weights | ms/image |"
+        "| method | greying its top 20% | a random 20% at its grain (grain) | random pixels | the centre map | "
+        "margin | margin vs pixels | margin vs centre | Spearman vs random weights | ms/image |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        grain = "x".join(str(v) for v in r["resolution"])
         print(
-            f"| {r['method']} | {r['drop']:.1f} | {r['random_drop']:.1f} | {r['centre_drop']:.1f} | "
-            f"{r['margin']:.1f} | {r['margin_vs_centre']:.1f} | {r['randomization']['spearman_mean']:.2f} | "
-            f"{r['ms_per_image']:.1f} |"
+            f"| {r['method']} | {r['drop']:.1f} | {r['random_drop']:.1f} ({grain}) | {r['pixel_random_drop']:.1f} | "
+            f"{r['centre_drop']:.1f} | **{r['margin']:.1f}** | {r['margin_vs_pixels']:.1f} | "
+            f"{r['margin_vs_centre']:.1f} | {r['randomization']['spearman_mean']:.2f} | {r['ms_per_image']:.1f} |"
         )
     u = calibration["uncalibrated"]
     print(

@@ -5,8 +5,8 @@ quick and fast recipes' models (aim 2x for fast) at <= 0.5 points of accuracy lo
 
 1. exports CHECKPOINT with `export_checkpoint` into a temporary folder: float ONNX, and int8 in each `--formats`
    (QDQ, QOperator), the gate wide open so every model is measured;
-2. takes the first `--images` test images of `--data` (default: the data the checkpoint trained on), normalized as
-   the exported models take them;
+2. takes `--images` test images of `--data` (default: the data the checkpoint trained on), spread over the split
+   as the export's gate samples them (`gate_sample`), normalized as the exported models take them;
 3. makes one onnxruntime session per model, with the default graph optimizations and `--threads` intra-op threads,
    and runs each over the images in batches of `--batch-size`: `--warmup` untimed passes, then `--repeats` timed
    passes, the models taking turns in every repeat (load that comes and goes slows them alike);
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[int8-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     from cifar_cnn.data import load_dataset
-    from cifar_cnn.export import model_inputs
+    from cifar_cnn.export import gate_sample, model_inputs
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as folder:
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         models = export_models(args.checkpoint, args.data, formats, Path(folder), args)
         meta = models["float"][1]
         ds = load_dataset(meta["parity"]["data"], int(meta["input_size"]), threads=args.threads, log=lambda m: None)
-        n = min(args.images, len(ds.test_labels))
-        x = model_inputs(ds.test_images[:n], meta).numpy()
-        labels = ds.test_labels[:n]
+        pick = gate_sample(len(ds.test_labels), args.images)  # the images the export's gate scores
+        n = len(pick)
+        x = model_inputs(np.asarray(ds.test_images[pick]), meta).numpy()
+        labels = ds.test_labels[pick]
         log(f"timing {len(models)} models on {n} test images, batch {args.batch_size}, {args.threads} threads")
         paths = {name: path for name, (path, _) in models.items()}
         seconds, logits = time_models(paths, x, args.batch_size, args.threads, max(1, args.warmup), args.repeats)

@@ -154,6 +154,8 @@ def test_explain_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) 
     assert [m["method"] for m in r["methods"]] == ["gradcam", "saliency", "integrated-gradients"]
     for m in r["methods"]:
         assert m["num_images"] == 20 and m["margin"] == pytest.approx(m["drop"] - m["random_drop"])
+        assert m["margin_vs_pixels"] == pytest.approx(m["drop"] - m["pixel_random_drop"])
+        assert (m["resolution"][0] < 32) == (m["method"] == "gradcam")  # Grad-CAM's baseline: regions of its grain
         assert -1 <= m["randomization"]["spearman_mean"] <= 1 and m["ms_per_image"] > 0
     c = r["calibration"]
     assert 0 <= c["ece"] <= 1 and c["temperature"] == 1.0 and c["uncalibrated"]["ece"] == pytest.approx(c["ece"])

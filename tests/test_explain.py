@@ -22,6 +22,7 @@ from cifar_cnn.explain import (
     deletion_test,
     gradcam_layer,
     in_blocks,
+    random_maps,
     randomization_check,
     rank_correlation,
     top_mask,
@@ -91,7 +92,8 @@ def test_saliency_and_integrated_gradients_of_a_linear_model_are_known_in_closed
 
     got = ex.maps(images, "integrated-gradients", targets)
     x = images / 255.0
-    want = np.abs(((x - 128 / 255.0) * w[targets]).sum(1))  # exact for a linear model: (x - x0) * w
+    want = np.maximum(((x - 128 / 255.0) * w[targets]).sum(1), 0)  # exact for a linear model: (x - x0) * w, kept > 0
+    assert (((x - 128 / 255.0) * w[targets]).sum(1) < 0).mean() > 0.2  # so the sign matters here
     assert np.allclose(got, want / want.max(axis=(1, 2), keepdims=True), atol=1e-5)
 
 
@@ -220,6 +222,9 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
     assert (explainer.predictor.logits(images).argmax(1) == patch_model["labels"]).mean() > 0.9
     deletion = deletion_test(explainer, images, method)
     assert deletion["margin"] >= 2.0, deletion  # the bar: 2 points more than greying a random 20%
+    assert deletion["margin_vs_pixels"] >= 2.0, deletion  # here also against scattered single pixels
+    assert deletion["resolution"] == list(explainer.resolution(method))
+    assert deletion["resolution"][0] < 32 if method == "gradcam" else deletion["resolution"] == [32, 32]
     assert deletion["drop"] > deletion["centre_drop"], deletion
     randomized = randomization_check(explainer, images, method)
     assert randomized["spearman_mean"] < 0.5, randomized
@@ -228,6 +233,19 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
     outside = (maps * ~patch_model["masks"]).sum((1, 2)) / (~patch_model["masks"]).sum((1, 2))
     # the maps point at the coloured square (plain gradients are noisy: they spread over the whole image)
     assert np.median(inside / np.maximum(outside, 1e-9)) > {"saliency": 1.15}.get(method, 2.0)
+
+
+def test_random_maps_at_a_coarser_resolution_are_smooth_upsampled_noise() -> None:
+    pixels = random_maps(4, 32, seed=3)
+    assert pixels.shape == (4, 32, 32) and np.array_equal(pixels, random_maps(4, 32, seed=3))
+    assert np.ptp(random_maps(2, 32, resolution=(1, 1)), axis=(1, 2)).max() < 1e-6  # one value: a constant map
+    coarse = random_maps(4, 32, seed=3, resolution=(4, 4))
+    step = lambda m: np.abs(np.diff(m, axis=2)).mean()  # noqa: E731  (mean difference of neighbouring pixels)
+    assert step(coarse) < step(pixels) / 5
+    # its top 20% is a few regions, not scattered pixels: most greyed pixels have a greyed neighbour on the right
+    mask = top_mask(coarse)
+    assert (mask[:, :, :-1] & mask[:, :, 1:]).sum() / mask[:, :, :-1].sum() > 0.8
+    assert (top_mask(pixels)[:, :, :-1] & top_mask(pixels)[:, :, 1:]).sum() / top_mask(pixels)[:, :, :-1].sum() < 0.4
 
 
 def test_block_deletion_greys_whole_squares(explainer: Explainer, patch_model: dict) -> None:
@@ -245,7 +263,13 @@ def test_block_deletion_greys_whole_squares(explainer: Explainer, patch_model: d
 def test_both_checks_fail_on_maps_of_noise(explainer: Explainer, patch_model: dict) -> None:
     images = patch_model["images"]
     deletion = deletion_test(explainer, images, "noise", maps=noise_maps(explainer, images))
-    assert deletion["margin"] < 2.0, deletion
+    assert deletion["margin"] < 2.0 and deletion["resolution"] == [32, 32], deletion
+    # noise with Grad-CAM's grain (its layer's h x w, upsampled alike) fails against random regions of that grain
+    grain = explainer.resolution("gradcam")
+    assert 1 < grain[0] < 32
+    coarse = random_maps(len(images), 32, seed=7, resolution=grain)
+    deletion = deletion_test(explainer, images, "noise", maps=coarse, resolution=grain)
+    assert deletion["margin"] < 2.0 and deletion["resolution"] == list(grain), deletion
     randomized = randomization_check(explainer, images, "noise", map_fn=noise_maps)
     assert randomized["spearman_mean"] > 0.99, randomized
 

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from cifar_cnn import load_checkpoint, model_from_checkpoint
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.export import AccuracyGateFailed, bn_before_maxpool, export_checkpoint
+from cifar_cnn.export import AccuracyGateFailed, bn_before_maxpool, export_checkpoint, gate_sample
 from cifar_cnn.onnx_predict import METADATA_KEY, OnnxPredictor
 
 from .model_fixtures import checkpoint_data, tiny_checkpoint
@@ -239,3 +239,13 @@ def test_batch_norms_move_before_max_pools_only_where_that_changes_nothing():
     ]  # fmt: skip
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     assert np.allclose(after, before, atol=1e-5)
+
+
+def test_gate_sample_is_fixed_and_spread_over_a_split_stored_by_class():
+    labels = np.repeat(np.arange(10), 1000)  # CIFAR-10's test split as an image folder stores it: class by class
+    pick = gate_sample(len(labels), 2000)
+    assert np.array_equal(pick, gate_sample(len(labels), 2000)) and len(np.unique(pick)) == 2000
+    assert np.all(np.diff(pick) > 0)
+    counts = np.bincount(labels[pick], minlength=10)
+    assert counts.min() >= 150 and counts.max() <= 250  # every class, about 200 each (the first 2,000: 2 classes)
+    assert np.array_equal(gate_sample(200, 2000), np.arange(200))  # fewer images than asked: all of them

@@ -12,13 +12,18 @@ Methods (each map is non-negative and scaled so its largest value is 1; higher m
   the channel-weighted activations, upsampled bilinearly to the input size;
 - saliency: |d score / d pixel| (Simonyan et al., 2014), the largest over the three channels;
 - integrated-gradients: (x - x0) times the gradient averaged along the straight path from a grey image x0 (128) to x
-  (Sundararajan et al., 2017; 32 steps, midpoint rule), summed over channels, absolute value.
+  (Sundararajan et al., 2017; 32 steps, midpoint rule), summed over channels; its positive part, the pixels whose
+  difference from grey raised the class's score (by completeness, the sum over all pixels is the score's rise from
+  the grey image; negative pixels count against the class and would only lower the probability's fall if greyed).
 The score is the target class's logit on the plain view (no test-time augmentation); the label and probability
 reported beside a map are predict's (with the checkpoint's TTA and temperature), and the target class is predict's
 label unless one is given.
 
 Faithfulness: `deletion_test` greys the fraction of pixels a map ranks highest and measures how much predict's
-probability for the predicted class falls, against greying random pixels and a centre-weighted map;
+probability for the predicted class falls, against greying a random fraction chosen at the map's own resolution (a
+random map of the same h x w, upsampled the same way: single pixels for the gradient methods, regions for Grad-CAM;
+a blob of grey and scattered grey dots are different perturbations, so only like can be compared with like), against
+single random pixels whatever the map, and against a centre-weighted map;
 `randomization_check` compares maps of the model with those of a copy with re-initialized weights (Adebayo et al.,
 2018): a map that explains the model must change when the weights are destroyed.
 """
@@ -145,7 +150,7 @@ def saliency(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.
 def integrated_gradients(
     model: nn.Module, x: torch.Tensor, targets: torch.Tensor, baseline: torch.Tensor, steps: int = IG_STEPS
 ) -> torch.Tensor:
-    """|sum over channels of (x - x0) * mean gradient on the path x0 -> x|: (N, H, W)."""
+    """Sum over channels of (x - x0) * mean gradient on the path x0 -> x, signed: (N, H, W)."""
     total = torch.zeros_like(x)
     for k in range(steps):
         alpha = (k + 0.5) / steps
@@ -153,7 +158,7 @@ def integrated_gradients(
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(_scores(model, point, targets), point)
         total += grad
-    return ((x - baseline) * total / steps).sum(1).abs()
+    return ((x - baseline) * total / steps).sum(1)  # signed: the caller keeps the positive part
 
 
 # --------------------------------------------------------------------------------------------------- the explainer
@@ -206,6 +211,20 @@ class Explainer:
         if self._layer is None:
             self._layer = gradcam_layer(self.model, self.size)
         return self._layer
+
+    def resolution(self, method: str) -> tuple[int, int]:
+        """The h x w a method's maps are made at before any upsampling: Grad-CAM's layer's, else the input size."""
+        if method != "gradcam":
+            return (self.size, self.size)
+        module = dict(self.model.named_modules())[self.layer()]
+        shapes: list[tuple[int, int]] = []
+        handle = module.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[-2:])))
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, 3, self.size, self.size, device=_device_of(self.model)))
+        finally:
+            handle.remove()
+        return shapes[-1]
 
     def check_method(self, method: str) -> str:
         """`method` if it is known and this model supports it (Grad-CAM needs a spatial feature map)."""
@@ -326,9 +345,16 @@ def grey_out(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_maps(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """Uniform noise maps: greying their top pixels greys a random set."""
-    return np.random.default_rng(seed).random((n, size, size), dtype=np.float32)
+def random_maps(n: int, size: int, seed: int = 0, resolution: tuple[int, int] | None = None) -> np.ndarray:
+    """Uniform noise maps (n, size, size): greying their top pixels greys a random set. With `resolution` (h, w)
+    smaller than size, the noise is drawn at h x w and upsampled bilinearly as Grad-CAM's maps are, so the random set
+    is made of regions of the same grain as such a map's."""
+    h, w = resolution or (size, size)
+    noise = np.random.default_rng(seed).random((n, h, w), dtype=np.float32)
+    if (h, w) == (size, size):
+        return noise
+    up = F.interpolate(torch.from_numpy(noise)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    return up[:, 0].numpy()
 
 
 def centre_map(size: int) -> np.ndarray:
@@ -373,27 +399,41 @@ def deletion_test(
     seed: int = 0,
     maps: np.ndarray | None = None,
     block: int = 1,
+    resolution: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The deletion test for one method on uint8 images: the probability drop when the map's top `fraction` of
-    pixels are greyed, against random pixels and a centre-weighted map; margins in points (higher: more faithful).
-    `maps` passes maps computed elsewhere (a test gives noise to show the test can tell). `block` > 1 deletes
-    block x block squares instead of pixels, for the map, the random baseline and the centre map alike: scattered grey
-    pixels are themselves a strong perturbation for a CNN, which a pixel-level random baseline rewards."""
+    pixels are greyed, against a random `fraction` drawn at the map's resolution (`margin`, the test's verdict),
+    against random single pixels (`margin_vs_pixels`) and against a centre-weighted map (`margin_vs_centre`), in
+    points (higher: more faithful). The resolution is the method's (`Explainer.resolution`: Grad-CAM's layer's h x w,
+    else the input size); `maps` passes maps computed elsewhere, with their `resolution` (default: single pixels),
+    as a test does with noise to show the test can tell. `block` > 1 deletes block x block squares instead of pixels,
+    for the map and all baselines alike."""
     p = explainer.predictor
-    maps = explainer.maps(images, method) if maps is None else maps
+    if maps is None:
+        maps = explainer.maps(images, method)
+        resolution = explainer.resolution(method)
     size = maps.shape[-1]
+    grain = tuple(min(int(r), size) for r in (resolution or (size, size)))
     explained = deletion_drop(p, images, maps, fraction, block)
-    random = deletion_drop(p, images, random_maps(len(images), size, seed), fraction, block)
+    random = deletion_drop(p, images, random_maps(len(images), size, seed, grain), fraction, block)
+    pixels = (
+        random
+        if grain == (size, size)
+        else deletion_drop(p, images, random_maps(len(images), size, seed), fraction, block)
+    )
     centre = deletion_drop(p, images, np.broadcast_to(centre_map(size), maps.shape), fraction, block)
     return {
         "method": method,
         "num_images": int(len(images)),
         "fraction": fraction,
         "block": block,
+        "resolution": list(grain),
         "drop": explained,
         "random_drop": random,
+        "pixel_random_drop": pixels,
         "centre_drop": centre,
         "margin": explained - random,
+        "margin_vs_pixels": explained - pixels,
         "margin_vs_centre": explained - centre,
     }
 

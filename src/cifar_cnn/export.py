@@ -53,6 +53,7 @@ TTA_NOTE = "exported models run without test-time augmentation (TTA); the checkp
 QUANT_FORMAT = "QDQ"
 CALIBRATION_SEED = 0  # which training images calibrate the activation ranges: fixed, so an export can be repeated
 CALIBRATION_BATCH = 64
+GATE_SEED = 0  # which test images the int8 gate scores: fixed, spread over the split (which is stored by class)
 
 
 class AccuracyGateFailed(CifarCnnError):
@@ -310,17 +311,31 @@ def quantize_onnx(
     return {"batch_norms_moved_before_max_pools": moved, "float_nodes": kept_float}
 
 
+def gate_sample(num_test: int, count: int) -> np.ndarray:
+    """Indices of the `count` test images the int8 gate scores: drawn with a fixed seed from the whole split and kept
+    in order, so every class takes part (a split stored class by class would give the first ones only)."""
+    count = min(count, num_test)
+    return np.sort(np.random.default_rng(GATE_SEED).choice(num_test, count, replace=False))
+
+
 def onnx_accuracy(
-    paths: list[Path], images: Images, labels: np.ndarray, ckpt: dict[str, Any], threads: int | None = None
+    paths: list[Path],
+    images: Images,
+    labels: np.ndarray,
+    ckpt: dict[str, Any],
+    threads: int | None = None,
+    indices: np.ndarray | None = None,
 ) -> list[int]:
-    """How many of `images` each ONNX model labels right (top-1), the models run side by side on the same batches."""
+    """How many of the images at `indices` (default: all) each ONNX model labels right (top-1), the models run side
+    by side on the same batches."""
     sessions = [onnx_session(p, threads) for p in paths]
+    indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
     right = [0] * len(paths)
-    for i in range(0, len(labels), 250):
-        end = min(i + 250, len(labels))  # `images` may hold more than the labels scored
-        x = model_inputs(images[i:end], ckpt).numpy()
+    for i in range(0, len(indices), 250):
+        chunk = indices[i : i + 250]
+        x = model_inputs(np.asarray(images[chunk]), ckpt).numpy()
         for k, session in enumerate(sessions):
-            right[k] += int((session.run(None, {INPUT_NAME: x})[0].argmax(1) == labels[i:end]).sum())
+            right[k] += int((session.run(None, {INPUT_NAME: x})[0].argmax(1) == labels[chunk]).sum())
     return right
 
 
@@ -339,9 +354,10 @@ def export_int8(
     data: str = "",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Quantize the float ONNX model at `float_path` (see `quantize_onnx`), compare both models' top-1 accuracy on the
-    first `gate_images` test images and write the int8 model to `out` only when it loses at most `max_accuracy_drop`
-    points (else raise AccuracyGateFailed and leave `out` as it was). Returns the record of what was done."""
+    """Quantize the float ONNX model at `float_path` (see `quantize_onnx`), compare both models' top-1 accuracy on
+    `gate_images` test images spread over the split (`gate_sample`) and write the int8 model to `out` only when it
+    loses at most `max_accuracy_drop` points (else raise AccuracyGateFailed and leave `out` as it was). Returns the
+    record of what was done."""
     calib = calibration_images(ds, ckpt, calibration_count)
     quantized = float_path.with_name("int8.onnx")
     log(f"quantizing to int8 ({quant_format}, per-channel weights) with {len(calib)} training images of {data}")
@@ -352,10 +368,13 @@ def export_int8(
     except Exception as exc:  # the quantizer's errors name an operator or a tensor; keep the first line
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CifarCnnError(f"int8 quantization of {float_path.name} failed: {first}") from None
-    n = min(gate_images, len(ds.test_labels))
+    pick = gate_sample(len(ds.test_labels), gate_images)
+    n = len(pick)
     if n == 0:
         raise CifarCnnError(f"--data {data}: no test images to check the int8 model's accuracy on")
-    right_float, right_int8 = onnx_accuracy([float_path, quantized], ds.test_images, ds.test_labels[:n], ckpt, threads)
+    right_float, right_int8 = onnx_accuracy(
+        [float_path, quantized], ds.test_images, ds.test_labels, ckpt, threads, indices=pick
+    )
     drop = 100.0 * (right_float - right_int8) / n
     passed = drop <= max_accuracy_drop
     record = {
@@ -372,6 +391,7 @@ def export_int8(
             "drop_points": drop,
             "max_accuracy_drop": max_accuracy_drop,
             "passed": passed,
+            "sample": f"seed {GATE_SEED}, spread over the test split",
         },
     }
     verdict = "within" if passed else "beyond"
