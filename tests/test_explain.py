@@ -235,6 +235,16 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
     assert np.median(inside / np.maximum(outside, 1e-9)) > {"saliency": 1.15}.get(method, 2.0)
 
 
+def test_deletion_baselines_shared_between_methods_give_the_same_figures(explainer: Explainer, patch_model: dict):
+    images = patch_model["images"][:40]
+    shared: dict = {}
+    for method in ("gradcam", "saliency"):
+        alone = deletion_test(explainer, images, method)
+        assert deletion_test(explainer, images, method, baselines=shared) == pytest.approx(alone)
+    # measured once: the images' probabilities, random regions, random pixels and the centre map
+    assert len(shared) == 4 and shared["before"].shape == (40, 4)
+
+
 def test_random_maps_at_a_coarser_resolution_are_smooth_upsampled_noise() -> None:
     pixels = random_maps(4, 32, seed=3)
     assert pixels.shape == (4, 32, 32) and np.array_equal(pixels, random_maps(4, 32, seed=3))

@@ -379,12 +379,17 @@ def in_blocks(maps: np.ndarray, block: int) -> np.ndarray:
 
 
 def deletion_drop(
-    predictor: Predictor, images: np.ndarray, maps: np.ndarray, fraction: float = DELETE_FRACTION, block: int = 1
+    predictor: Predictor,
+    images: np.ndarray,
+    maps: np.ndarray,
+    fraction: float = DELETE_FRACTION,
+    block: int = 1,
+    before: np.ndarray | None = None,
 ) -> float:
     """Mean fall of predict's probability for each image's predicted class when the pixels `maps` ranks highest
     (`fraction` of them; with `block` > 1, whole block x block squares ranked by their mean) are greyed, in
-    probability points (0..100)."""
-    before = predictor.probabilities(images)
+    probability points (0..100). `before`: predict's probabilities of the untouched images, when already known."""
+    before = predictor.probabilities(images) if before is None else before
     labels = before.argmax(1)
     after = predictor.probabilities(grey_out(images, top_mask(in_blocks(maps, block), fraction)))
     rows = np.arange(len(images))
@@ -400,6 +405,7 @@ def deletion_test(
     maps: np.ndarray | None = None,
     block: int = 1,
     resolution: tuple[int, int] | None = None,
+    baselines: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """The deletion test for one method on uint8 images: the probability drop when the map's top `fraction` of
     pixels are greyed, against a random `fraction` drawn at the map's resolution (`margin`, the test's verdict),
@@ -407,21 +413,29 @@ def deletion_test(
     points (higher: more faithful). The resolution is the method's (`Explainer.resolution`: Grad-CAM's layer's h x w,
     else the input size); `maps` passes maps computed elsewhere, with their `resolution` (default: single pixels),
     as a test does with noise to show the test can tell. `block` > 1 deletes block x block squares instead of pixels,
-    for the map and all baselines alike."""
+    for the map and all baselines alike. `baselines`: a dict the caller keeps between calls on the same images, so
+    that their probabilities and each baseline's drop are measured once (a bench testing three methods)."""
     p = explainer.predictor
     if maps is None:
         maps = explainer.maps(images, method)
         resolution = explainer.resolution(method)
     size = maps.shape[-1]
     grain = tuple(min(int(r), size) for r in (resolution or (size, size)))
-    explained = deletion_drop(p, images, maps, fraction, block)
-    random = deletion_drop(p, images, random_maps(len(images), size, seed, grain), fraction, block)
-    pixels = (
-        random
-        if grain == (size, size)
-        else deletion_drop(p, images, random_maps(len(images), size, seed), fraction, block)
-    )
-    centre = deletion_drop(p, images, np.broadcast_to(centre_map(size), maps.shape), fraction, block)
+    known = {} if baselines is None else baselines
+    if "before" not in known:
+        known["before"] = p.probabilities(images)
+    before = known["before"]
+
+    def baseline(name: str, grain: tuple[int, int] | None, make: Callable[[], np.ndarray]) -> float:
+        key = (name, grain, fraction, block, seed)
+        if key not in known:
+            known[key] = deletion_drop(p, images, make(), fraction, block, before)
+        return known[key]
+
+    explained = deletion_drop(p, images, maps, fraction, block, before)
+    random = baseline("random", grain, lambda: random_maps(len(images), size, seed, grain))
+    pixels = baseline("random", (size, size), lambda: random_maps(len(images), size, seed))
+    centre = baseline("centre", None, lambda: np.broadcast_to(centre_map(size), maps.shape))
     return {
         "method": method,
         "num_images": int(len(images)),
