@@ -5,8 +5,9 @@ For a trained checkpoint and its data this script measures, on a seed-fixed samp
 1. the deletion test of every method (cifar_cnn.explain.deletion_test): the mean fall of predict's probability for
    the predicted class when the 20% of pixels the map ranks highest are set to grey (128), against greying a random
    20% drawn at the map's own resolution ("margin": single pixels for the gradient methods, Grad-CAM's h x w regions
-   for Grad-CAM), against random single pixels whatever the map ("margin vs pixels") and against one
-   centre-weighted map used for every image ("margin vs centre"), in points;
+   for Grad-CAM), against random single pixels whatever the map ("margin vs pixels"), against one centre-weighted
+   map used for every image ("margin vs centre") and against the next image's map ("margin vs another image's
+   map"), in points;
 2. the model-randomization check (cifar_cnn.explain.randomization_check) on the first `--random-images` of them:
    Spearman's rank correlation between the maps of the model and of a copy with re-initialized weights;
 3. the seconds each method takes per image on this machine;
@@ -33,7 +34,7 @@ import torch
 
 from cifar_cnn.data import load_dataset
 from cifar_cnn.evaluate import evaluate_checkpoint
-from cifar_cnn.explain import Explainer, deletion_test, randomization_check
+from cifar_cnn.explain import DeletionBaselines, Explainer, deletion_test, randomization_check
 
 METHODS = ("gradcam", "saliency", "integrated-gradients")
 
@@ -69,7 +70,7 @@ def main() -> int:
     images = np.asarray(ds.test_images[pick])
 
     rows = []
-    baselines: dict = {}  # predict's probabilities of the images and each baseline's drop, measured once for all
+    baselines = DeletionBaselines(explainer.predictor, images)  # measured once for all methods
     for method in METHODS:
         started = time.perf_counter()
         maps = explainer.maps(images, method)
@@ -105,15 +106,17 @@ def main() -> int:
     }
     print(
         "| method | greying its top 20% | a random 20% at its grain (grain) | random pixels | the centre map | "
-        "margin | margin vs pixels | margin vs centre | Spearman vs random weights | ms/image |"
+        "another image's map | margin | vs pixels | vs centre | vs another image | Spearman vs random weights | "
+        "ms/image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         grain = "x".join(str(v) for v in r["resolution"])
         print(
             f"| {r['method']} | {r['drop']:.1f} | {r['random_drop']:.1f} ({grain}) | {r['pixel_random_drop']:.1f} | "
-            f"{r['centre_drop']:.1f} | **{r['margin']:.1f}** | {r['margin_vs_pixels']:.1f} | "
-            f"{r['margin_vs_centre']:.1f} | {r['randomization']['spearman_mean']:.2f} | {r['ms_per_image']:.1f} |"
+            f"{r['centre_drop']:.1f} | {r['other_image_drop']:.1f} | **{r['margin']:.1f}** | "
+            f"{r['margin_vs_pixels']:.1f} | {r['margin_vs_centre']:.1f} | {r['margin_vs_other_image']:.1f} | "
+            f"{r['randomization']['spearman_mean']:.2f} | {r['ms_per_image']:.1f} |"
         )
     u = calibration["uncalibrated"]
     print(

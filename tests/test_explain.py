@@ -17,6 +17,7 @@ from torch import nn
 from cifar_cnn import resolve_config, train
 from cifar_cnn.cli import main
 from cifar_cnn.explain import (
+    DeletionBaselines,
     Explainer,
     centre_map,
     deletion_test,
@@ -141,6 +142,15 @@ def test_top_mask_greys_the_highest_ranked_fifth() -> None:
     m = np.arange(100, dtype=np.float32).reshape(1, 10, 10)
     mask = top_mask(m, 0.2)
     assert mask.sum() == 20 and mask[0].ravel()[80:].all() and not mask[0].ravel()[:80].any()
+    # a sparse map (16 hot pixels, the rest 0, as a ReLU leaves it): the hot ones, then ties drawn at random, not a
+    # band of the first rows
+    sparse = np.zeros((1, 32, 32), np.float32)
+    sparse[0, 20:24, 20:24] = 1.0
+    mask = top_mask(sparse)
+    assert mask.sum() == 205 and mask[0, 20:24, 20:24].all()
+    rows = mask[0].sum(1)
+    assert rows[:6].sum() < 80 and (rows[16:] > 0).sum() >= 12  # spread over the image
+    assert np.array_equal(mask, top_mask(sparse)) and not np.array_equal(mask, top_mask(sparse, seed=1))
     c = centre_map(32)
     assert c.argmax() in (15 * 32 + 15, 15 * 32 + 16, 16 * 32 + 15, 16 * 32 + 16) and c.min() < 0.2 * c.max()
 
@@ -223,6 +233,7 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
     deletion = deletion_test(explainer, images, method)
     assert deletion["margin"] >= 2.0, deletion  # the issue's bar: 2 points more than greying a random 20%
     assert deletion["margin_vs_pixels"] >= 2.0, deletion  # here also against scattered single pixels
+    assert deletion["margin_vs_other_image"] >= 2.0, deletion  # and about this image: the square moves
     assert deletion["resolution"] == list(explainer.resolution(method))
     assert deletion["resolution"][0] < 32 if method == "gradcam" else deletion["resolution"] == [32, 32]
     assert deletion["drop"] > deletion["centre_drop"], deletion
@@ -237,12 +248,14 @@ def test_deletion_and_randomization_pass_for_each_method(explainer: Explainer, p
 
 def test_deletion_baselines_shared_between_methods_give_the_same_figures(explainer: Explainer, patch_model: dict):
     images = patch_model["images"][:40]
-    shared: dict = {}
+    shared = DeletionBaselines(explainer.predictor, images)
     for method in ("gradcam", "saliency"):
         alone = deletion_test(explainer, images, method)
         assert deletion_test(explainer, images, method, baselines=shared) == pytest.approx(alone)
-    # measured once: the images' probabilities, random regions, random pixels and the centre map
-    assert len(shared) == 4 and shared["before"].shape == (40, 4)
+    # measured once: random regions, random pixels, the centre map
+    assert len(shared.drops) == 3 and shared.before.shape == (40, 4)
+    with pytest.raises(ValueError, match="not the images"):
+        deletion_test(explainer, patch_model["images"][40:80], "saliency", baselines=shared)
 
 
 def test_random_maps_at_a_coarser_resolution_are_smooth_upsampled_noise() -> None:
@@ -250,7 +263,10 @@ def test_random_maps_at_a_coarser_resolution_are_smooth_upsampled_noise() -> Non
     assert pixels.shape == (4, 32, 32) and np.array_equal(pixels, random_maps(4, 32, seed=3))
     assert np.ptp(random_maps(2, 32, resolution=(1, 1)), axis=(1, 2)).max() < 1e-6  # one value: a constant map
     coarse = random_maps(4, 32, seed=3, resolution=(4, 4))
-    step = lambda m: np.abs(np.diff(m, axis=2)).mean()  # noqa: E731  (mean difference of neighbouring pixels)
+
+    def step(m: np.ndarray) -> float:  # the mean difference of neighbouring pixels
+        return float(np.abs(np.diff(m, axis=2)).mean())
+
     assert step(coarse) < step(pixels) / 5
     # its top 20% is a few regions, not scattered pixels: most greyed pixels have a greyed neighbour on the right
     mask = top_mask(coarse)
@@ -277,11 +293,33 @@ def test_both_checks_fail_on_maps_of_noise(explainer: Explainer, patch_model: di
     # noise with Grad-CAM's grain (its layer's h x w, upsampled alike) fails against random regions of that grain
     grain = explainer.resolution("gradcam")
     assert 1 < grain[0] < 32
-    coarse = random_maps(len(images), 32, seed=7, resolution=grain)
-    deletion = deletion_test(explainer, images, "noise", maps=coarse, resolution=grain)
-    assert deletion["margin"] < 2.0 and deletion["resolution"] == list(grain), deletion
+    shared = DeletionBaselines(explainer.predictor, images)
+    coarse = [
+        deletion_test(
+            explainer,
+            images,
+            "noise",
+            maps=random_maps(len(images), 32, seed, grain),
+            resolution=grain,
+            baselines=shared,
+        )
+        for seed in (7, 8, 9, 10)  # a region covers the square or not: one seed is a coin toss, four average it
+    ]
+    assert np.mean([d["margin"] for d in coarse]) < 2.0 and coarse[0]["resolution"] == list(grain), coarse
     randomized = randomization_check(explainer, images, "noise", map_fn=noise_maps)
     assert randomized["spearman_mean"] > 0.99, randomized
+
+
+def test_a_map_that_ignores_the_image_is_caught(explainer: Explainer, patch_model: dict) -> None:
+    """The centre map, the same for every image: no better than the next image's map, and blind to the weights."""
+    images = patch_model["images"]
+
+    def centre(ex: Explainer, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(centre_map(32), (len(x), 32, 32)).copy()
+
+    deletion = deletion_test(explainer, images, "centre", maps=centre(explainer, images, None), resolution=(32, 32))
+    assert deletion["margin_vs_other_image"] == 0.0 and deletion["margin_vs_centre"] == 0.0, deletion
+    assert randomization_check(explainer, images, "centre", map_fn=centre)["spearman_mean"] > 0.99
 
 
 # --------------------------------------------------------------------------------------------------- the command

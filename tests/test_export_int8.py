@@ -249,3 +249,4 @@ def test_gate_sample_is_fixed_and_spread_over_a_split_stored_by_class():
     counts = np.bincount(labels[pick], minlength=10)
     assert counts.min() >= 150 and counts.max() <= 250  # every class, about 200 each (the first 2,000: 2 classes)
     assert np.array_equal(gate_sample(200, 2000), np.arange(200))  # fewer images than asked: all of them
+    assert set(gate_sample(len(labels), 500)) <= set(pick)  # a smaller gate scores a part of a larger one

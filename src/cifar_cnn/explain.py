@@ -13,8 +13,8 @@ Methods (each map is non-negative and scaled so its largest value is 1; higher m
 - saliency: |d score / d pixel| (Simonyan et al., 2014), the largest over the three channels;
 - integrated-gradients: (x - x0) times the gradient averaged along the straight path from a grey image x0 (128) to x
   (Sundararajan et al., 2017; 32 steps, midpoint rule), summed over channels; its positive part, the pixels whose
-  difference from grey raised the class's score (by completeness, the sum over all pixels is the score's rise from
-  the grey image; negative pixels count against the class and would only lower the probability's fall if greyed).
+  difference from grey raised the class's logit (by completeness, the sum over all pixels is, up to the 32-step
+  approximation, the logit's rise from the grey image; greying a negative pixel would, to first order, raise it).
 The score is the target class's logit on the plain view (no test-time augmentation); the label and probability
 reported beside a map are predict's (with the checkpoint's TTA and temperature), and the target class is predict's
 label unless one is given.
@@ -22,15 +22,18 @@ label unless one is given.
 Faithfulness: `deletion_test` greys the fraction of pixels a map ranks highest and measures how much predict's
 probability for the predicted class falls, against greying a random fraction chosen at the map's own resolution (a
 random map of the same h x w, upsampled the same way: single pixels for the gradient methods, regions for Grad-CAM;
-a blob of grey and scattered grey dots are different perturbations, so only like can be compared with like), against
-single random pixels whatever the map, and against a centre-weighted map;
-`randomization_check` compares maps of the model with those of a copy with re-initialized weights (Adebayo et al.,
-2018): a map that explains the model must change when the weights are destroyed.
+scattered grey dots hurt a CNN far more than grey regions, whatever they cover), and reports three more baselines:
+single random pixels whatever the map, one centre-weighted map for every image, and each image greyed by the next
+image's map (same method and grain, but not about this image). A map that ignores the image (the centre map) passes
+against random regions but not against the next image's map, and fails `randomization_check`, which compares maps of
+the model with those of a copy with re-initialized weights (Adebayo et al., 2018): a map that explains the model must
+change when the weights are destroyed.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +189,7 @@ class Explainer:
         self.layer_override = layer
         self.batch_size = max(1, min(batch_size, predictor.batch_size))
         self._layer: str | None = None
+        self._grains: dict[str, tuple[int, int]] = {}  # layer -> its output's h x w at the input size
         if layer is not None:
             self._layer = gradcam_layer(self.model, self.size, layer)
 
@@ -213,18 +217,24 @@ class Explainer:
         return self._layer
 
     def resolution(self, method: str) -> tuple[int, int]:
-        """The h x w a method's maps are made at before any upsampling: Grad-CAM's layer's, else the input size."""
-        if method != "gradcam":
+        """The h x w a method's maps are made at before any upsampling: Grad-CAM's layer's (one probe, in eval mode,
+        remembered), else the input size."""
+        if self.check_method(method) != "gradcam":
             return (self.size, self.size)
-        module = dict(self.model.named_modules())[self.layer()]
-        shapes: list[tuple[int, int]] = []
-        handle = module.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[-2:])))
-        try:
-            with torch.no_grad():
-                self.model(torch.zeros(1, 3, self.size, self.size, device=_device_of(self.model)))
-        finally:
-            handle.remove()
-        return shapes[-1]
+        layer = self.layer()
+        if layer not in self._grains:
+            module = dict(self.model.named_modules())[layer]
+            shapes: list[tuple[int, int]] = []
+            handle = module.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[-2:])))
+            was_training = self.model.training
+            try:
+                with torch.no_grad():
+                    self.model.eval()(torch.zeros(1, 3, self.size, self.size, device=self.predictor.device))
+            finally:
+                handle.remove()
+                self.model.train(was_training)
+            self._grains[layer] = shapes[-1]
+        return self._grains[layer]
 
     def check_method(self, method: str) -> str:
         """`method` if it is known and this model supports it (Grad-CAM needs a spatial feature map)."""
@@ -328,11 +338,14 @@ class Explainer:
 # --------------------------------------------------------------------------------------------------- faithfulness
 
 
-def top_mask(maps: np.ndarray, fraction: float = DELETE_FRACTION) -> np.ndarray:
-    """Boolean masks (N, H, W) of the round(fraction * H * W) pixels each map ranks highest (ties: first in order)."""
+def top_mask(maps: np.ndarray, fraction: float = DELETE_FRACTION, seed: int = 0) -> np.ndarray:
+    """Boolean masks (N, H, W) of the round(fraction * H * W) pixels each map ranks highest. Ties are broken at random
+    (seeded): pixels a map leaves at 0 (ReLU, a positive part) are equal, and taking them in raster order would grey
+    a band at the top of the image."""
     n, h, w = maps.shape
     k = int(round(fraction * h * w))
-    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")[:, :k]
+    tiebreak = np.random.default_rng(seed).random((n, h * w))
+    order = np.lexsort((tiebreak, -maps.reshape(n, -1)), axis=-1)[:, :k]
     mask = np.zeros((n, h * w), dtype=bool)
     np.put_along_axis(mask, order, True, axis=1)
     return mask.reshape(n, h, w)
@@ -396,6 +409,32 @@ def deletion_drop(
     return float(100 * (before[rows, labels] - after[rows, labels]).mean())
 
 
+class DeletionBaselines:
+    """What the deletion test measures once per set of images and reuses for every method: predict's probabilities
+    of the untouched images and the drop of each baseline (random maps at a grain, the centre map). Bound to those
+    images (checked by a digest), so it cannot give another set's figures."""
+
+    def __init__(self, predictor: Predictor, images: np.ndarray) -> None:
+        self.predictor = predictor
+        self.digest = _digest(images)
+        self.before = predictor.probabilities(images)
+        self.drops: dict[tuple[Any, ...], float] = {}
+
+    def drop(self, images: np.ndarray, key: tuple[Any, ...], make: Callable[[], np.ndarray], **how: Any) -> float:
+        """The drop of the baseline `key` (built by `make` on first use), with `how` (fraction, block)."""
+        if _digest(images) != self.digest:
+            raise ValueError("DeletionBaselines: these are not the images its figures were measured on")
+        key = (*key, *sorted(how.items()))
+        if key not in self.drops:
+            self.drops[key] = deletion_drop(self.predictor, images, make(), before=self.before, **how)
+        return self.drops[key]
+
+
+def _digest(images: np.ndarray) -> str:
+    data = np.ascontiguousarray(images)
+    return hashlib.sha1(data.tobytes()).hexdigest() + str(data.shape)
+
+
 def deletion_test(
     explainer: Explainer,
     images: np.ndarray,
@@ -405,50 +444,42 @@ def deletion_test(
     maps: np.ndarray | None = None,
     block: int = 1,
     resolution: tuple[int, int] | None = None,
-    baselines: dict[Any, Any] | None = None,
+    baselines: DeletionBaselines | None = None,
 ) -> dict[str, Any]:
     """The deletion test for one method on uint8 images: the probability drop when the map's top `fraction` of
     pixels are greyed, against a random `fraction` drawn at the map's resolution (`margin`, the test's verdict),
-    against random single pixels (`margin_vs_pixels`) and against a centre-weighted map (`margin_vs_centre`), in
-    points (higher: more faithful). The resolution is the method's (`Explainer.resolution`: Grad-CAM's layer's h x w,
-    else the input size); `maps` passes maps computed elsewhere, with their `resolution` (default: single pixels),
-    as a test does with noise to show the test can tell. `block` > 1 deletes block x block squares instead of pixels,
-    for the map and all baselines alike. `baselines`: a dict the caller keeps between calls on the same images, so
-    that their probabilities and each baseline's drop are measured once (a bench testing three methods)."""
-    p = explainer.predictor
+    against random single pixels (`margin_vs_pixels`), a centre-weighted map (`margin_vs_centre`) and the next
+    image's map (`margin_vs_other_image`), in points (higher: more faithful). The resolution is the method's
+    (`Explainer.resolution`); `maps` passes maps computed elsewhere, with their `resolution` (default: single
+    pixels), as a test does with noise to show the test can tell. `block` > 1 deletes block x block squares instead
+    of pixels, for the map and all baselines alike. `baselines` reuses what was measured on these images before."""
     if maps is None:
         maps = explainer.maps(images, method)
         resolution = explainer.resolution(method)
     size = maps.shape[-1]
     grain = tuple(min(int(r), size) for r in (resolution or (size, size)))
-    known = {} if baselines is None else baselines
-    if "before" not in known:
-        known["before"] = p.probabilities(images)
-    before = known["before"]
-
-    def baseline(name: str, grain: tuple[int, int] | None, make: Callable[[], np.ndarray]) -> float:
-        key = (name, grain, fraction, block, seed)
-        if key not in known:
-            known[key] = deletion_drop(p, images, make(), fraction, block, before)
-        return known[key]
-
-    explained = deletion_drop(p, images, maps, fraction, block, before)
-    random = baseline("random", grain, lambda: random_maps(len(images), size, seed, grain))
-    pixels = baseline("random", (size, size), lambda: random_maps(len(images), size, seed))
-    centre = baseline("centre", None, lambda: np.broadcast_to(centre_map(size), maps.shape))
+    known = baselines or DeletionBaselines(explainer.predictor, images)
+    how = dict(fraction=fraction, block=block)
+    drop = deletion_drop(explainer.predictor, images, maps, before=known.before, **how)
+    at_grain = known.drop(images, ("random", grain, seed), lambda: random_maps(len(images), size, seed, grain), **how)
+    pixels = known.drop(images, ("random", (size, size), seed), lambda: random_maps(len(images), size, seed), **how)
+    centre = known.drop(images, ("centre",), lambda: np.broadcast_to(centre_map(size), maps.shape), **how)
+    other = deletion_drop(explainer.predictor, images, np.roll(maps, 1, axis=0), before=known.before, **how)
     return {
         "method": method,
         "num_images": int(len(images)),
         "fraction": fraction,
         "block": block,
         "resolution": list(grain),
-        "drop": explained,
-        "random_drop": random,
+        "drop": drop,
+        "random_drop": at_grain,
         "pixel_random_drop": pixels,
         "centre_drop": centre,
-        "margin": explained - random,
-        "margin_vs_pixels": explained - pixels,
-        "margin_vs_centre": explained - centre,
+        "other_image_drop": other,
+        "margin": drop - at_grain,
+        "margin_vs_pixels": drop - pixels,
+        "margin_vs_centre": drop - centre,
+        "margin_vs_other_image": drop - other,
     }
 
 
