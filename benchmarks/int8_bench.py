@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("QDQ", "QOperator")
+FORMATS = ("QDQ", "QOperator", "QDQ-float-GELU")  # the last: QDQ with its GELUs left in float, to compare
 
 
 def export_models(
@@ -49,7 +49,8 @@ def export_models(
             "onnx",
             path,
             int8=True,
-            quant_format=fmt,
+            quant_format=fmt.split("-")[0],
+            gelu_lookups=not fmt.endswith("float-GELU"),
             calibration_count=args.quantization_images,
             gate_images=args.images,
             max_accuracy_drop=100.0,  # measure every model; the export's own gate is what users get
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="a .pt file written by train")
     p.add_argument("--data", default=None, help="test images (default: the data the checkpoint trained on)")
-    p.add_argument("--formats", default="QDQ,QOperator", help=f"int8 formats to measure, from {', '.join(FORMATS)}")
+    p.add_argument(
+        "--formats", default="QDQ,QDQ-float-GELU,QOperator", help=f"int8 formats to measure, from {', '.join(FORMATS)}"
+    )
     p.add_argument("--images", type=int, default=2000, help="test images timed and scored")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")

@@ -131,7 +131,7 @@ def test_int8_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) -> 
         timeout=600,
     )
     r = json.loads(out.read_text())
-    assert set(r["models"]) == {"float", "int8 QDQ", "int8 QOperator"} and r["images"] == 20
+    assert set(r["models"]) == {"float", "int8 QDQ", "int8 QDQ-float-GELU", "int8 QOperator"} and r["images"] == 20
     base = r["models"]["float"]
     for m in r["models"].values():
         assert m["img_per_s"] == pytest.approx(20 / m["median_seconds"]) and 0 <= m["accuracy"] <= 1

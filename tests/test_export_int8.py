@@ -17,7 +17,14 @@ from onnx import helper, numpy_helper
 from cifar_cnn import load_checkpoint, model_from_checkpoint
 from cifar_cnn.cli import main
 from cifar_cnn.data import load_dataset
-from cifar_cnn.export import AccuracyGateFailed, bn_before_maxpool, export_checkpoint, gate_sample
+from cifar_cnn.export import (
+    AccuracyGateFailed,
+    bn_before_maxpool,
+    export_checkpoint,
+    gate_sample,
+    gelu_in_int8,
+    model_inputs,
+)
 from cifar_cnn.onnx_predict import METADATA_KEY, OnnxPredictor
 
 from .model_fixtures import checkpoint_data, tiny_checkpoint
@@ -250,3 +257,103 @@ def test_gate_sample_is_fixed_and_spread_over_a_split_stored_by_class():
     assert counts.min() >= 150 and counts.max() <= 250  # every class, about 200 each (the first 2,000: 2 classes)
     assert np.array_equal(gate_sample(200, 2000), np.arange(200))  # fewer images than asked: all of them
     assert set(gate_sample(len(labels), 500)) <= set(pick)  # a smaller gate scores a part of a larger one
+
+
+def _gelu_graph(approximate: str = "none", dq_used_twice: bool = False) -> onnx.ModelProto:
+    """uint8 x -> DequantizeLinear -> Gelu -> QuantizeLinear -> uint8 y, as the quantizer leaves a GELU between two
+    int8 convolutions (with `dq_used_twice`, the float tensor also leaves the graph)."""
+    shape = [2, 8, 15, 15]
+    consts = [
+        numpy_helper.from_array(np.array(v, dtype), name)
+        for name, v, dtype in [
+            ("sx", 0.05, np.float32),
+            ("zx", 128, np.uint8),
+            ("sy", 0.03, np.float32),
+            ("zy", 6, np.uint8),
+        ]
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["f"], name="dq"),
+        helper.make_node("Gelu", ["f"], ["g"], name="gelu", approximate=approximate),
+        helper.make_node("QuantizeLinear", ["g", "sy", "zy"], ["y"], name="q"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, shape)]
+    if dq_used_twice:
+        outputs.append(helper.make_tensor_value_info("f", onnx.TensorProto.FLOAT, shape))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, shape)], outputs, consts
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_gelu_between_int8_tensors_runs_on_its_uint8_codes():
+    x = np.arange(2 * 8 * 15 * 15, dtype=np.int64).reshape(2, 8, 15, 15) % 256  # every code, many times
+    model = _gelu_graph()
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.astype(np.uint8)})[0]
+    assert gelu_in_int8(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["QLinearSigmoid", "QLinearMul"]
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.astype(np.uint8)})[0]
+    # The same codes within a level or two: x * sigmoid(1.702 x) is within 0.021 of GELU, the step here is 0.03.
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5 and (want > 20).any()
+    # Independently: GELU with erf on the dequantized codes, quantized, against the rewritten graph.
+    from math import erf, sqrt
+
+    real = (np.arange(256) - 128) * 0.05
+    exact = np.clip(np.round(np.array([v * 0.5 * (1 + erf(v / sqrt(2))) for v in real]) / 0.03) + 6, 0, 255)
+    assert np.abs(got.astype(int) - exact[x]).max() <= 2
+
+
+def test_gelu_left_alone_when_not_between_int8_tensors_or_approximated_with_tanh():
+    for model in (_gelu_graph("tanh"), _gelu_graph(dq_used_twice=True)):
+        assert gelu_in_int8(model.graph) == 0
+        assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Gelu", "QuantizeLinear"]
+
+
+def test_an_airbench_export_runs_its_gelus_in_int8(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, checkpoint: Path
+):
+    """A small airbench net (GELUs after every conv) trained briefly on the tiny data, exported int8 with and without
+    the rewrite: the GELUs between int8 tensors are gone, and the two int8 models agree."""
+    from cifar_cnn import resolve_config, train
+
+    data = checkpoint_data(tmp_path_factory)  # the tiny checkpoint's generated data
+    overrides = dict(
+        epochs=2, batch_size=50, device="cpu", precision="fp32", model_args={"widths": [8, 16, 16], "depth": 1}
+    )
+    train(
+        resolve_config("quick", None, overrides),
+        str(data),
+        tmp_path / "run",
+        home=tmp_path / "home",
+        log=lambda m: None,
+        threads=1,
+    )
+    common = dict(
+        data=str(data),
+        num_images=20,
+        int8=True,
+        max_accuracy_drop=100.0,
+        calibration_count=64,
+        threads=1,
+        log=lambda m: None,
+    )
+    reports = {
+        lookups: export_checkpoint(
+            tmp_path / "run" / "best.pt", "onnx", tmp_path / f"int8-{lookups}.onnx", gelu_lookups=lookups, **common
+        )
+        for lookups in (True, False)
+    }
+    rewritten = reports[True]["quantization"]["gelus_in_int8"]
+    assert rewritten >= 2 and reports[False]["quantization"]["gelus_in_int8"] == 0
+    ops = {k: [n.op_type for n in onnx.load(str(tmp_path / f"int8-{k}.onnx")).graph.node] for k in (True, False)}
+    assert ops[False].count("Gelu") == ops[True].count("Gelu") + rewritten and "QLinearSigmoid" not in ops[False]
+    assert ops[True].count("QLinearSigmoid") == ops[True].count("QLinearMul") == rewritten
+    ds = load_dataset(str(data), 32, home=tmp_path / "home", log=lambda m: None)
+    x = model_inputs(np.asarray(ds.test_images), reports[False]).numpy()
+    logits = {
+        k: ort.InferenceSession(str(tmp_path / f"int8-{k}.onnx")).run(None, {"images": x})[0] for k in (True, False)
+    }
+    scale = np.abs(logits[False]).max()
+    assert np.abs(logits[True] - logits[False]).max() < 0.1 * scale
+    assert (logits[True].argmax(1) == logits[False].argmax(1)).mean() >= 0.95

@@ -256,6 +256,77 @@ def bn_before_maxpool(graph: Any) -> int:
     return moved
 
 
+GELU_SIGMOID_SLOPE = 1.702  # GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks and Gimpel, 2016): within 0.021 everywhere
+
+
+def gelu_in_int8(graph: Any) -> int:
+    """Rewrite DequantizeLinear -> Gelu -> QuantizeLinear (uint8 in, uint8 out, per-tensor) as onnxruntime's
+    QLinearSigmoid and QLinearMul: y = x * sigmoid(1.702 x) computed from the uint8 codes through lookup tables,
+    never in float; returns how many were rewritten.
+
+    The sigmoid form of GELU differs from the exact one by at most 0.021, below an activation's quantization step
+    in the models measured; the output differs from the float round trip by a level or two at most, and the
+    accuracy gate judges the whole model. On this 2-core CPU the rewritten GELU is about 4.5x faster than its
+    float round trip, measured on a (256, 32, 15, 15) tensor. A Gelu with approximate='tanh', or whose tensors
+    are used elsewhere, is left as it is. The two operators are onnxruntime's (domain com.microsoft)."""
+    from onnx import helper, numpy_helper
+
+    nodes = list(graph.node)
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output}
+    consumer = {name: i for i, node in reversed(list(enumerate(nodes))) for name in node.input}
+    uses = collections.Counter(name for node in nodes for name in node.input)
+    uses.update(o.name for o in graph.output)
+    dropped: set[int] = set()
+    replaced: dict[int, list[Any]] = {}
+    for i, gelu in enumerate(nodes):
+        if gelu.op_type != "Gelu" or any(a.name == "approximate" and a.s == b"tanh" for a in gelu.attribute):
+            continue
+        d, k = producer.get(gelu.input[0]), consumer.get(gelu.output[0])
+        if d is None or k is None or nodes[d].op_type != "DequantizeLinear" or nodes[k].op_type != "QuantizeLinear":
+            continue
+        dq, q = nodes[d], nodes[k]
+        if uses[dq.output[0]] != 1 or uses[gelu.output[0]] != 1 or len(dq.input) < 3 or len(q.input) < 3:
+            continue
+        params = [consts.get(n) for n in (dq.input[1], dq.input[2], q.input[1], q.input[2])]
+        if any(v is None or v.size != 1 for v in params) or {params[1].dtype, params[3].dtype} != {np.dtype(np.uint8)}:
+            continue
+        base = f"{gelu.name or gelu.output[0]}_int8"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(float(params[0]) * GELU_SIGMOID_SLOPE, np.float32), f"{base}_xscale"),
+                numpy_helper.from_array(np.array(1 / 255, np.float32), f"{base}_sscale"),
+                numpy_helper.from_array(np.array(0, np.uint8), f"{base}_szero"),
+            ]
+        )
+        sig = [f"{base}_sigmoid", f"{base}_sscale", f"{base}_szero"]
+        replaced[i] = [
+            helper.make_node(
+                "QLinearSigmoid",
+                [dq.input[0], f"{base}_xscale", dq.input[2], *sig[1:]],
+                sig[:1],
+                name=sig[0],
+                domain="com.microsoft",
+            ),
+            helper.make_node(
+                "QLinearMul",
+                [*dq.input[:3], *sig, *q.input[1:3]],
+                [q.output[0]],
+                name=f"{base}_mul",
+                domain="com.microsoft",
+            ),
+        ]
+        dropped.update({d, k})
+    if replaced:
+        gone = {nodes[i].output[0] for i in replaced} | {nodes[i].input[0] for i in replaced}  # Gelu's in and out
+        kept_info = [v for v in graph.value_info if v.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_info)
+        del graph.node[:]
+        graph.node.extend(n for i, node in enumerate(nodes) if i not in dropped for n in replaced.get(i, [node]))
+    return len(replaced)
+
+
 def input_convs(graph: Any) -> list[str]:
     """Names of the Conv nodes that read a graph input (the image itself). They stay float in the int8 model: with 3
     input channels they are cheap, while their int8 version needs a DequantizeLinear of their large output before
@@ -265,13 +336,20 @@ def input_convs(graph: Any) -> list[str]:
 
 
 def quantize_onnx(
-    float_path: Path, out: Path, images: Images, ckpt: dict[str, Any], quant_format: str = QUANT_FORMAT
+    float_path: Path,
+    out: Path,
+    images: Images,
+    ckpt: dict[str, Any],
+    quant_format: str = QUANT_FORMAT,
+    gelu_lookups: bool = True,
 ) -> dict[str, Any]:
     """Static int8 quantization with onnxruntime: batch norms moved before max-pools (`bn_before_maxpool`), shape
     inference and graph optimizations (quant_pre_process), then per-channel int8 weights and uint8 activations whose
     ranges are the min/max seen on `images`. `quant_format`: 'QDQ' (QuantizeLinear/DequantizeLinear pairs around the
     float ops, fused by the runtime) or 'QOperator' (QLinearConv and friends in the file); the convs reading the image
-    stay float (`input_convs`). Returns what was changed: batch norms moved, nodes kept float.
+    stay float (`input_convs`), and GELUs between int8 tensors run on their uint8 codes (`gelu_in_int8`; not with
+    `gelu_lookups` False, which a benchmark uses to compare). Returns what was changed: batch norms moved, nodes kept
+    float, GELUs rewritten.
 
     Weights use 7 of their 8 bits (reduce_range): on x86 CPUs without VNNI, onnxruntime multiplies uint8 by int8 with
     an instruction that adds pairs of products into 16 bits, which overflows for full-range weights; airbench's
@@ -308,7 +386,11 @@ def quantize_onnx(
     finally:
         quiet.setLevel(level)
         prepared.unlink(missing_ok=True)
-    return {"batch_norms_moved_before_max_pools": moved, "float_nodes": kept_float}
+    quantized = onnx.load(str(out))
+    gelus = gelu_in_int8(quantized.graph) if gelu_lookups else 0
+    if gelus:
+        onnx.save(quantized, str(out))
+    return {"batch_norms_moved_before_max_pools": moved, "float_nodes": kept_float, "gelus_in_int8": gelus}
 
 
 def gate_sample(num_test: int, count: int) -> np.ndarray:
@@ -351,6 +433,7 @@ def export_int8(
     gate_images: int,
     max_accuracy_drop: float,
     quant_format: str = QUANT_FORMAT,
+    gelu_lookups: bool = True,
     threads: int | None = None,
     data: str = "",
     log: Callable[[str], None] = print,
@@ -363,7 +446,7 @@ def export_int8(
     quantized = float_path.with_name("int8.onnx")
     log(f"quantizing to int8 ({quant_format}, per-channel weights) with {len(calib)} training images of {data}")
     try:
-        changes = quantize_onnx(float_path, quantized, calib, ckpt, quant_format)
+        changes = quantize_onnx(float_path, quantized, calib, ckpt, quant_format, gelu_lookups)
     except CifarCnnError:
         raise
     except Exception as exc:  # the quantizer's errors name an operator or a tensor; keep the first line
@@ -450,6 +533,7 @@ def export_checkpoint(
     calibration_count: int = 512,
     max_accuracy_drop: float = 0.5,
     quant_format: str = QUANT_FORMAT,
+    gelu_lookups: bool = True,
     threads: int | None = None,
     home: Path | None = None,
     log: Callable[[str], None] = print,
@@ -515,6 +599,7 @@ def export_checkpoint(
                 gate_images=gate_images,
                 max_accuracy_drop=max_accuracy_drop,
                 quant_format=quant_format,
+                gelu_lookups=gelu_lookups,
                 threads=threads,
                 data=data,
                 log=log,
