@@ -837,6 +837,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         gate_images=args.gate_images,
         calibration_count=args.quantization_images,
         max_accuracy_drop=args.max_accuracy_drop,
+        gelu_lookups=not args.standard_onnx,
         threads=args.threads,
         log=log,
     )
@@ -891,6 +892,12 @@ def _build_export(sub: argparse._SubParsersAction) -> None:
         metavar="POINTS",
         help="with --int8: largest allowed top-1 loss against the float model, in points (a negative value demands a "
         "gain, which refuses any model: a way to test the refusal)",
+    )
+    p.add_argument(
+        "--standard-onnx",
+        action="store_true",
+        help="with --int8: standard ONNX operators only, for runtimes other than onnxruntime (GELUs stay in float; "
+        "by default they run on int8 codes through onnxruntime's contrib operators, faster)",
     )
     _common(p, data="test images for the parity check: the data the checkpoint recorded, or run.json beside it")
     p.set_defaults(func=cmd_export)
