@@ -20,11 +20,12 @@ reported beside a map are predict's (with the checkpoint's TTA and temperature),
 label unless one is given.
 
 Faithfulness: `deletion_test` greys the fraction of pixels a map ranks highest and measures how much predict's
-probability for the predicted class falls, against greying a random fraction chosen at the map's own resolution (a
-random map of the same h x w, upsampled the same way: single pixels for the gradient methods, regions for Grad-CAM;
-scattered grey dots hurt a CNN far more than grey regions, whatever they cover), and reports three more baselines:
-single random pixels whatever the map, one centre-weighted map for every image, and each image greyed by the next
-image's map (same method and grain, but not about this image). A map that ignores the image (the centre map) passes
+probability for the predicted class falls, against greying a random fraction shaped like the map's own: the top of
+its phase-randomized surrogate (same power spectrum, random phases; scattered grey dots hurt a CNN far more than grey
+regions, whatever they cover, so only like can be compared with like). It reports four more baselines: random maps
+at the map's resolution (single pixels for gradients, Grad-CAM's h x w upsampled), single random pixels whatever the
+map, one centre-weighted map for every image, and each image greyed by the next image's map (same method and grain,
+but not about this image). A map that ignores the image (the centre map) passes
 against random regions but not against the next image's map, and fails `randomization_check`, which compares maps of
 the model with those of a copy with re-initialized weights (Adebayo et al., 2018): a map that explains the model must
 change when the weights are destroyed.
@@ -370,6 +371,17 @@ def random_maps(n: int, size: int, seed: int = 0, resolution: tuple[int, int] | 
     return up[:, 0].numpy()
 
 
+def surrogate_maps(maps: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each map's phase-randomized surrogate (Theiler et al., 1992): the same power spectrum, so the same spatial
+    structure (blobs of the same size for Grad-CAM, fine grain for gradients), with random phases, so it is about
+    nothing in the image. Greying its top pixels greys a random set shaped like the map's own."""
+    n, h, w = maps.shape
+    centred = maps - maps.mean(axis=(1, 2), keepdims=True)
+    amplitude = np.abs(np.fft.rfft2(centred))
+    phase = np.angle(np.fft.rfft2(np.random.default_rng(seed).standard_normal((n, h, w))))
+    return np.fft.irfft2(amplitude * np.exp(1j * phase), s=(h, w)).astype(np.float32)
+
+
 def centre_map(size: int) -> np.ndarray:
     """One map for every image: a Gaussian bump at the centre (sigma = size / 4), the 'objects sit in the middle'
     prior that a useful explanation must beat."""
@@ -447,9 +459,10 @@ def deletion_test(
     baselines: DeletionBaselines | None = None,
 ) -> dict[str, Any]:
     """The deletion test for one method on uint8 images: the probability drop when the map's top `fraction` of
-    pixels are greyed, against a random `fraction` drawn at the map's resolution (`margin`, the test's verdict),
-    against random single pixels (`margin_vs_pixels`), a centre-weighted map (`margin_vs_centre`) and the next
-    image's map (`margin_vs_other_image`), in points (higher: more faithful). The resolution is the method's
+    pixels are greyed, against a random `fraction` shaped like the map's own (its `surrogate_maps`: `margin`, the
+    test's verdict), against a random fraction drawn at the map's resolution (`margin_vs_grain`), random single
+    pixels (`margin_vs_pixels`), a centre-weighted map (`margin_vs_centre`) and the next image's map
+    (`margin_vs_other_image`), in points (higher: more faithful). The resolution is the method's
     (`Explainer.resolution`); `maps` passes maps computed elsewhere, with their `resolution` (default: single
     pixels), as a test does with noise to show the test can tell. `block` > 1 deletes block x block squares instead
     of pixels, for the map and all baselines alike. `baselines` reuses what was measured on these images before."""
@@ -461,6 +474,7 @@ def deletion_test(
     known = baselines or DeletionBaselines(explainer.predictor, images)
     how = dict(fraction=fraction, block=block)
     drop = deletion_drop(explainer.predictor, images, maps, before=known.before, **how)
+    shaped = deletion_drop(explainer.predictor, images, surrogate_maps(maps, seed), before=known.before, **how)
     at_grain = known.drop(images, ("random", grain, seed), lambda: random_maps(len(images), size, seed, grain), **how)
     pixels = known.drop(images, ("random", (size, size), seed), lambda: random_maps(len(images), size, seed), **how)
     centre = known.drop(images, ("centre",), lambda: np.broadcast_to(centre_map(size), maps.shape), **how)
@@ -472,11 +486,13 @@ def deletion_test(
         "block": block,
         "resolution": list(grain),
         "drop": drop,
+        "surrogate_drop": shaped,
         "random_drop": at_grain,
         "pixel_random_drop": pixels,
         "centre_drop": centre,
         "other_image_drop": other,
-        "margin": drop - at_grain,
+        "margin": drop - shaped,
+        "margin_vs_grain": drop - at_grain,
         "margin_vs_pixels": drop - pixels,
         "margin_vs_centre": drop - centre,
         "margin_vs_other_image": drop - other,
