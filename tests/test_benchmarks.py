@@ -153,7 +153,8 @@ def test_explain_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) 
     r = json.loads(out.read_text())
     assert [m["method"] for m in r["methods"]] == ["gradcam", "saliency", "integrated-gradients"]
     for m in r["methods"]:
-        assert m["num_images"] == 20 and m["margin"] == pytest.approx(m["drop"] - m["random_drop"])
+        assert m["num_images"] == 20 and m["margin"] == pytest.approx(m["drop"] - m["surrogate_drop"])
+        assert m["margin_vs_grain"] == pytest.approx(m["drop"] - m["random_drop"])
         assert m["margin_vs_pixels"] == pytest.approx(m["drop"] - m["pixel_random_drop"])
         assert (m["resolution"][0] < 32) == (m["method"] == "gradcam")  # Grad-CAM's baseline: regions of its grain
         assert -1 <= m["randomization"]["spearman_mean"] <= 1 and m["ms_per_image"] > 0
