@@ -4,6 +4,7 @@ GPU, where `--precision auto` can pick fp16, is checked when one is lent."""
 
 from __future__ import annotations
 
+import collections
 import copy
 from pathlib import Path
 
@@ -14,8 +15,17 @@ from torch import nn
 
 from cifar_cnn import load_checkpoint, resolve_config, train
 from cifar_cnn.data.pipeline import TensorLoader, derived_generator
+from cifar_cnn.device import count_host_syncs
 from cifar_cnn.engine import state as engine_state
-from cifar_cnn.engine.loop import apply_update, backward, loss_weights, make_scaler, set_lrs, train_one_epoch
+from cifar_cnn.engine.loop import (
+    DivergenceError,
+    apply_update,
+    backward,
+    loss_weights,
+    make_scaler,
+    set_lrs,
+    train_one_epoch,
+)
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,3 +150,83 @@ def test_class_weighted_epoch_equals_hand_written_sgd(reduction: str) -> None:
         loss_sum += weighted.item()
     assert torch.allclose(model.weight, w, atol=1e-6) and torch.allclose(model.bias, b, atol=1e-6)
     assert totals.loss_sum == pytest.approx(loss_sum, rel=1e-5)
+
+
+def _airbench_run(tmp_path: Path, official_dir: Path, batch_size: int, name: str) -> collections.Counter:
+    """The syncs of a whole `train()` of the quick recipe's set-up (Muon, EMA, alternating flips, shifts), one epoch
+    of 480 images in batches of `batch_size`, test included."""
+    config = resolve_config(
+        "quick",
+        None,
+        dict(
+            epochs=1,
+            batch_size=batch_size,
+            model_args={"widths": [8, 16, 16], "depth": 1},
+            ema_decay=0.9,
+            device="cpu",
+            eval_batch_size=250,
+            tta="none",
+        ),
+    )
+    with count_host_syncs() as counts:
+        train(config, str(official_dir), tmp_path / name, log=lambda _: None, threads=1)
+    return counts
+
+
+def test_training_steps_never_wait_for_the_device(tmp_path: Path, official_dir: Path) -> None:
+    """The same run in 4 and in 16 steps makes the same synchronizing calls: none per step (the epoch's totals and
+    the divergence check are read once, at its end). Before the loop kept its totals on the device it made 3 per
+    step (the loss check, loss.item(), the correct count)."""
+    few = _airbench_run(tmp_path, official_dir, 120, "few")
+    many = _airbench_run(tmp_path, official_dir, 30, "many")
+    assert sum(few.values()) > 0  # the counter sees the run's reads of its results (it can fail)
+    assert many == few
+
+
+def test_one_epoch_makes_one_sync_however_many_steps() -> None:
+    model, opt = model_and_optimizer()
+    g = torch.Generator().manual_seed(1)
+    for steps in (2, 8):
+        loader = TensorLoader(torch.randn(16 * steps, 4, generator=g), torch.randint(0, 3, (16 * steps,)), 16)
+        with count_host_syncs() as counts:
+            totals, _ = train_one_epoch(
+                model, loader, opt, epoch=0, lr_fn=lambda s: 1.0, peak_lrs=[0.1], device=torch.device("cpu")
+            )
+        assert counts == {"aten._local_scalar_dense": 1}, steps  # the loss check at the epoch's end
+        assert totals.seen == 16 * steps and 0 < totals.loss < 5 and 0 <= totals.correct <= 16 * steps
+
+
+def test_totals_summed_on_the_device_equal_the_per_batch_sums() -> None:
+    model, opt = model_and_optimizer()
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    loader = TensorLoader(x, y, 16)
+    expected = []
+    for _, xb, yb in loader.batches(0):  # what the epoch's totals must add up to, step by step
+        logits = model(xb)
+        expected.append((F.cross_entropy(logits, yb).item() * 16, int((logits.argmax(1) == yb).sum())))
+        opt.zero_grad()
+        F.cross_entropy(logits, yb).backward()
+        opt.step()
+    model, opt = model_and_optimizer()
+    totals, _ = train_one_epoch(model, loader, opt, epoch=0, lr_fn=lambda s: 1.0, peak_lrs=[0.1], device="cpu")
+    assert totals.loss_sum == pytest.approx(sum(e[0] for e in expected), rel=1e-6)
+    assert totals.correct == sum(e[1] for e in expected) and totals.seen == 64
+
+
+@pytest.mark.parametrize("bad", ["inputs", "learning rate"])
+def test_a_non_finite_loss_is_reported_with_its_step_and_cause(bad: str) -> None:
+    """The divergence check is read at the epoch's end, yet it names the first step whose loss was not finite and,
+    from that batch rebuilt, whether the inputs or the learning rate are to blame."""
+    model, opt = model_and_optimizer()
+    x, y = torch.randn(96, 4), torch.randint(0, 3, (96,))
+    lr = 0.1 if bad == "inputs" else 1e38  # a runaway learning rate: the first update's weights overflow
+    if bad == "inputs":
+        x[16 * 3 + 5, 2] = float("nan")  # batch 4 of 6
+    loader = TensorLoader(x, y, 16)
+    with pytest.raises(DivergenceError) as err:
+        train_one_epoch(model, loader, opt, epoch=1, lr_fn=lambda s: 1.0, peak_lrs=[lr], device="cpu")
+    message = str(err.value)
+    if bad == "inputs":
+        assert "at epoch 2, step 4" in message and "NaN or infinite values after normalization" in message
+    else:
+        assert "at epoch 2, step 2;" in message and "lower the learning rate" in message

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -88,3 +91,40 @@ def tune_allocator() -> bool:
     ok_mmap = libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
     ok_trim = libc.mallopt(m_trim_threshold, ctypes.c_int(-1))
     return bool(ok_mmap and ok_trim)
+
+
+# aten operators that make the host wait for the device: reading a value (.item(), bool(), int(), float()) and those
+# whose output size depends on the data (boolean masks, nonzero, unique)
+_HOST_SYNC_OPS = (
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique",
+    "aten._unique2",
+    "aten.equal",
+    "aten.is_nonzero",
+)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[collections.Counter]:
+    """Count the operators run inside the block that would make the host wait for a GPU (see _HOST_SYNC_OPS; indexing
+    with a boolean mask counts too), by operator name, on any device: on a CPU nothing waits, but the same code on a
+    GPU would. A diagnostic for tests and benchmarks; it slows what runs inside it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = str(func.overloadpacket)
+            boolean_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())
+            )
+            if name in _HOST_SYNC_OPS or boolean_index:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        yield counts

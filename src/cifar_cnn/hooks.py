@@ -9,20 +9,63 @@ This module sits below the engine and everything that watches it, so none of the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 
-@dataclass
 class EpochTotals:
-    """Running sums of one epoch, kept in checkpoints so an epoch resumed in the middle reports the same numbers."""
+    """Running sums of one epoch, kept in checkpoints so an epoch resumed in the middle reports the same numbers.
 
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
+    The training loop adds each batch's loss and correct count as tensors (`add`), which stay on the device: adding
+    never waits for the device. Reading `loss_sum` or `correct` (a progress line, the epoch's row, a checkpoint)
+    brings the pending sums to the host, one synchronization for all the steps since the last read."""
+
+    def __init__(self, loss_sum: float = 0.0, correct: int = 0, seen: int = 0) -> None:
+        self._loss_sum, self._correct, self.seen = float(loss_sum), int(correct), int(seen)
+        self._pending_loss: Any = None  # tensors on the device, or None
+        self._pending_correct: Any = None
+
+    def add(self, loss_sum: Any, correct: Any, seen: int) -> None:
+        """Add a batch: `loss_sum` and `correct` are 0-d tensors (kept where they are), `seen` its image count."""
+        loss_sum, correct = loss_sum.detach(), correct.detach()
+        has = self._pending_loss is not None
+        self._pending_loss = self._pending_loss + loss_sum if has else loss_sum
+        self._pending_correct = self._pending_correct + correct if has else correct
+        self.seen += seen
+
+    def _settle(self) -> None:
+        if self._pending_loss is not None:
+            self._loss_sum += float(self._pending_loss)
+            self._correct += int(self._pending_correct)
+            self._pending_loss = self._pending_correct = None
+
+    @property
+    def loss_sum(self) -> float:
+        self._settle()
+        return self._loss_sum
+
+    @loss_sum.setter
+    def loss_sum(self, value: float) -> None:
+        self._settle()
+        self._loss_sum = float(value)
+
+    @property
+    def correct(self) -> int:
+        self._settle()
+        return self._correct
+
+    @correct.setter
+    def correct(self, value: int) -> None:
+        self._settle()
+        self._correct = int(value)
 
     def as_dict(self) -> dict[str, float | int]:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EpochTotals) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"EpochTotals({self.loss_sum!r}, {self.correct!r}, {self.seen!r})"
 
     @property
     def loss(self) -> float:

@@ -46,6 +46,8 @@ class ProgressBar:
                 tqdm = None
             self._tqdm = tqdm
         self.lines_per_epoch = max(1, lines_per_epoch)
+        self.refresh_s = 0.5  # the bar's loss and accuracy: at most this often
+        self._shown = 0.0
         self._bar: Any = None
         self._epoch = self._epochs = self._steps = self._start_step = self._batch_size = 0
         self._t0 = 0.0
@@ -89,22 +91,28 @@ class ProgressBar:
         return done * self._batch_size / elapsed, per_step * (self._steps - step - 1)
 
     def step(self, step: int, totals: EpochTotals) -> None:
-        loss = totals.loss_sum / max(1, totals.seen)
-        acc = totals.correct / max(1, totals.seen)
-        ips, eta = self._rate(step)
+        """Reads the totals (which waits for the device) only when it shows them: at a printed line, and on a
+        terminal at most every `refresh_s` seconds."""
+        done = step + 1
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}% {ips:.0f} img/s", refresh=False)
+            now = time.perf_counter()
+            if now - self._shown >= self.refresh_s or done == self._steps:
+                self._shown = now
+                ips, _ = self._rate(step)
+                self._bar.set_postfix_str(
+                    f"loss {totals.loss:.4f} acc {100 * totals.accuracy:.2f}% {ips:.0f} img/s", refresh=False
+                )
             self._bar.update(1)
             return
-        done = step + 1
         # a line after the first step (early speed and ETA), then at every tenth of the epoch and at its last step
         if done >= self._next_line or done == self._steps:
+            ips, eta = self._rate(step)
             every = max(1, -(-self._steps // self.lines_per_epoch))
             self._next_line = (done // every + 1) * every
             tail = f"ETA {_clock(eta)}" if done < self._steps else f"{_clock(time.perf_counter() - self._t0)} elapsed"
             print(
-                f"  epoch {self._epoch + 1}/{self._epochs}  step {done}/{self._steps}  loss {loss:.4f}  "
-                f"acc {100 * acc:.2f}%  {ips:.0f} img/s  {tail}",
+                f"  epoch {self._epoch + 1}/{self._epochs}  step {done}/{self._steps}  loss {totals.loss:.4f}  "
+                f"acc {100 * totals.accuracy:.2f}%  {ips:.0f} img/s  {tail}",
                 file=self.stream,
                 flush=True,
             )

@@ -201,10 +201,13 @@ class TensorLoader:
         """The sample order of one epoch (the same for every process and every resume); see `epoch_order`."""
         return epoch_order(self.labels, epoch, self.seed, shuffle=self.shuffle, sampler=self.sampler)
 
-    def _base_flip(self) -> torch.Tensor:
-        if getattr(self, "_flip_mask", None) is None:
+    def _base_flip(self, device: torch.device) -> torch.Tensor:
+        """Which images are flipped in even epochs: drawn once (on the CPU, so every device draws the same), then
+        kept on `device`."""
+        mask = getattr(self, "_flip_mask", None)
+        if mask is None or mask.device != device:
             g = derived_generator(self.seed, -2)
-            self._flip_mask = torch.rand(len(self.labels), generator=g) < 0.5
+            self._flip_mask = (torch.rand(len(self.labels), generator=g) < 0.5).to(device)
         return self._flip_mask
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -255,7 +258,7 @@ class TensorLoader:
         cutout."""
         if self.augment.alternate_flip:
             # each image is seen flipped in exactly half of the epochs, unflipped in the other half
-            flip = self._base_flip().to(x.device)[idx] ^ bool(epoch % 2)
+            flip = self._base_flip(x.device)[idx] ^ bool(epoch % 2)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         if self.augment.active:
             x = augment_batch(x, self.augment, derived_generator(self.seed, epoch, step, device=x.device))

@@ -2,13 +2,14 @@
 
 A step: set each parameter group's LR from the schedule, forward under autocast, cross-entropy in float32, backward
 (through the fp16 loss scaler when there is one), and every `accum_steps` batches an optimizer update (gradients
-clipped first when asked), running totals. Everything else a run does around the updates (EMA, progress, probes,
-stop requests) is the caller's `on_step`.
+clipped first when asked), running totals; none of it waits for the device (see `train_one_epoch`). Everything else
+a run does around the updates (EMA, progress, probes, stop requests) is the caller's `on_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,43 @@ def divergence(loss: torch.Tensor, x: torch.Tensor, epoch: int, step: int) -> Di
         f"the training loss became {loss.item()} {where}; training diverged: lower the learning rate (--lr) and "
         "train again"
     )
+
+
+class LossWatch:
+    """Which step's loss first stopped being finite, recorded on the device so that a step never waits for it.
+
+    The host reads the record (`check`) at the end of an epoch, when the epoch stops early, and otherwise at most
+    once every `every_s` seconds: on a GPU the steps queue up ahead of the host instead of stopping at every loss.
+    A non-finite loss is then reported with the step it happened at, its batch rebuilt from the loader to tell bad
+    inputs from a too high learning rate."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self._first: torch.Tensor | None = None  # step of the first non-finite loss, or -1
+        self._loss: torch.Tensor | None = None  # that loss
+        self._last_check = time.perf_counter()
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach()
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        new = (self._first < 0) & ~torch.isfinite(loss)
+        self._first = torch.where(new, step, self._first)
+        self._loss = torch.where(new, loss, self._loss)
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last_check >= self.every_s
+
+    def check(self, loader: Any, epoch: int) -> None:
+        """Raise the DivergenceError of the first non-finite loss recorded so far, if any (one host sync)."""
+        self._last_check = time.perf_counter()
+        if self._first is None:
+            return
+        step = int(self._first)
+        if step >= 0:
+            _, x, _ = next(iter(loader.batches(epoch, step)))
+            raise divergence(self._loss, x, epoch, step)
 
 
 def updates_per_epoch(steps_per_epoch: int, accum_steps: int) -> int:
@@ -227,9 +265,14 @@ def train_one_epoch(
     weighted mean): the count is what the distributed `loss_weight` rescales by, so N processes stay exactly the one
     process run, and as the weights average 1 over the training set the loss keeps its scale (and is an unbiased
     estimate of the weighted loss of the whole set). The epoch's reported training loss is then this weighted loss.
+
+    No step waits for the device: the batches are indexed and augmented where the images are, the totals are summed
+    as tensors (read when an observer asks), and the divergence check reads its device-side record only now and then
+    (`LossWatch`). `cifar_cnn.device.count_host_syncs` counts what does wait; tests/engine hold it at 0 per step.
     """
     (set_mode or nn.Module.train)(model)
     totals = totals or EpochTotals()
+    watch = LossWatch()
     steps = len(loader)
     updates = updates_per_epoch(steps, accum_steps)
     for step, x, y in loader.batches(epoch, start_step):
@@ -247,18 +290,21 @@ def train_one_epoch(
         with sync(), autocast(device, precision):
             logits = model(x)
         loss = batch_loss(logits.float(), y, label_smoothing, loss_reduction, class_weights)
-        if not torch.isfinite(loss):
-            raise divergence(loss, x, epoch, step)
+        watch.record(loss, step)
         weight = _share(loader, step, group, loss_reduction) * (loss_weight(step, len(y)) if loss_weight else 1.0)
         with sync():
             backward(loss * weight if weight != 1.0 else loss, scaler)
         hard = y.argmax(1) if y.ndim == 2 else y  # mixed targets: the larger share's class
-        totals.loss_sum += loss.item() * (len(y) if loss_reduction == "mean" else 1)
-        totals.correct += int((logits.argmax(1) == hard).sum().item())
-        totals.seen += len(y)
+        totals.add(
+            loss.detach() * (len(y) if loss_reduction == "mean" else 1), (logits.argmax(1) == hard).sum(), len(y)
+        )
         if not last:
             continue
         apply_update(optimizer, scaler, clip_grad)
+        if watch.due():
+            watch.check(loader, epoch)
         if on_step is not None and on_step(step, totals):
+            watch.check(loader, epoch)
             return totals, step + 1
+    watch.check(loader, epoch)
     return totals, steps
