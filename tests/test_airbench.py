@@ -10,6 +10,7 @@ import torch
 
 from cifar_cnn import load_checkpoint, resolve_config, train
 from cifar_cnn.data.pipeline import Augment, TensorLoader
+from cifar_cnn.errors import CifarCnnError
 from cifar_cnn.models import create_model
 from cifar_cnn.recipes import RECIPES
 
@@ -34,6 +35,26 @@ def test_whitening_layer_whitens_patches() -> None:
     assert (cov - torch.diag(cov.diag())).abs().max() < 0.02 and (cov.diag() > 0.5).all() and (cov.diag() <= 1).all()
     assert model.whiten.weight.shape == (2 * 3 * k * k, 3, k, k)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_whitening_on_patches_runs_the_net_at_half_the_side() -> None:
+    """whiten_stride 2: the whitening filters see non-overlapping 2x2 patches (the same filters as stride 1, at every
+    other position), so everything after it runs on 16 x 16 maps: about a quarter of the FLOPs."""
+    from cifar_cnn.bench import count_flops
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    dense, patches = (create_model("airbench", widths=[16, 32, 32], whiten_stride=s) for s in (1, 2))
+    dense.init_from_data(x)
+    patches.init_from_data(x)
+    assert torch.equal(dense.whiten.weight, patches.whiten.weight)
+    with torch.no_grad():
+        assert torch.allclose(patches.whiten(x), dense.whiten(x)[:, :, ::2, ::2], atol=1e-5)
+        assert patches(x).shape == (8, 10)
+    ratio = count_flops(lambda: patches(x)) / count_flops(lambda: dense(x))
+    assert 0.2 < ratio < 0.3
+    with pytest.raises(CifarCnnError, match="whiten_stride must be 1 or whiten_kernel"):
+        create_model("airbench", whiten_stride=3)
 
 
 def test_alternating_flip_each_image_flipped_in_one_of_two_epochs() -> None:

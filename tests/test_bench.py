@@ -152,3 +152,44 @@ def test_time_to_target_stops_at_the_target_with_overrides(tmp_path: Path) -> No
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["ema_state"]["updates"] == 1 and last["batch_in_epoch"] == 0 and last["epoch"] == 1
     assert json.loads((out / "bench.json").read_text())["overrides"] == {"ema_decay": 0.5, "epochs": 3}
+
+
+def test_bench_against_the_notebook_loop_with_the_frontier(tmp_path: Path, official_dir: Path) -> None:
+    """The notebook's own loop runs first, then the instant recipe (on the 600 images it takes them all: it caps,
+    not requires, its 25,000); each recipe is compared with the loop seed by seed, and the frontier is written."""
+    out = tmp_path / "bench"
+    lines: list[str] = []
+    result = run_bench(
+        out,
+        recipes=["instant"],
+        seeds=[0],
+        data=str(official_dir),
+        device="cpu",
+        threads=1,
+        notebook=True,
+        pareto=True,
+        log=lines.append,
+    )
+    (loop,) = result["notebook"]
+    (instant,) = result["runs"]
+    assert loop["epochs"] == 10 and len(loop["history"]) == 10 and loop["wall_s"] > 0
+    assert lines.index(next(x for x in lines if x.startswith("notebook loop seed 0"))) < lines.index(
+        next(x for x in lines if x.startswith("instant seed 0"))
+    )
+    (ratio,) = result["ratios"]
+    expected = loop["wall_s"] / instant["wall_s"]
+    assert ratio.startswith(f"notebook loop / instant = {loop['wall_s']:.1f} s / {instant['wall_s']:.1f} s = ")
+    assert f"= {expected:.1f}x" in ratio
+    reached = instant["accuracy"] >= loop["accuracy"]
+    assert ("reaches the notebook loop's test accuracy on every seed" in ratio) == reached
+    md = (out / "bench.md").read_text()
+    assert f"| the notebook's loop | 0 | {100 * loop['accuracy']:.2f}% | none |" in md
+    names = {p["name"]: p for p in json.loads((out / "pareto.json").read_text())["points"]}
+    assert set(names) == {"the notebook's loop", "instant"}
+    assert names["instant"]["accuracy"] == instant["accuracy"]
+    assert (out / "pareto.md").exists() and (out / "pareto.svg").exists()
+
+
+def test_bench_refuses_the_notebook_with_throughput_only(tmp_path: Path) -> None:
+    with pytest.raises(bench.CifarCnnError, match="--notebook and --pareto time whole runs"):
+        run_bench(tmp_path, recipes=["seed"], seeds=[0], data="x", throughput_only=True, notebook=True)

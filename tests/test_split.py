@@ -62,3 +62,12 @@ def test_val_split_zero_trains_on_everything() -> None:
     labels = np.repeat(np.arange(3), 10)
     train, val = stratified_split(labels, 0.0, seed=0)
     assert len(train) == 30 and len(val) == 0
+
+
+def test_training_subset_is_exact_for_subset_and_a_cap_for_max_train_images() -> None:
+    from cifar_cnn.data import training_subset
+
+    assert training_subset(300, 0, 600) == 300 and training_subset(300, 100, 600) == 300  # subset wins
+    assert training_subset(0, 100, 600) == 100  # a cap below the images
+    assert training_subset(0, 25000, 600) is None and training_subset(0, 600, 600) is None  # all of them
+    assert training_subset(0, 0, 600) is None

@@ -33,7 +33,9 @@ from .engine import optimizer_for
 from .engine import train as train_run
 from .errors import CifarCnnError
 from .evaluate import evaluate, evaluate_checkpoint, tta_logits
+from .frontier import write_frontier
 from .models import create_model
+from .notebook_loop import notebook_loop
 from .recipes import RECIPES
 from .rundir import RunPaths, git_commit, read_run_json
 
@@ -370,9 +372,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result["runs"]:
         lines += ["| recipe | seed | test accuracy | TTA | wall time (s) |", "|---|---|---|---|---|"]
+        for r in result.get("notebook", []):
+            lines.append(
+                f"| the notebook's loop | {r['seed']} | {100 * r['accuracy']:.2f}% | none | {r['wall_s']:.0f} |"
+            )
         for r in result["runs"]:
             acc = f"{100 * r['accuracy']:.2f}%"
-            lines.append(f"| {r['recipe']} | {r['seed']} | {acc} | {r['tta']} | {r['wall_s']:.0f} |")
+            lines.append(f"| {r['recipe']} | {r['seed']} | {acc} | {r['tta']} | {r['wall_s']:.1f} |")
         for ratio in result.get("ratios", []):
             lines.append(f"\n{ratio}")
         lines.append("")
@@ -407,12 +413,17 @@ def run_bench(
     steps: int = 5,
     device: str = "auto",
     threads: int | None = None,
+    notebook: bool = False,
+    pareto: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Throughput of every recipe's model, then (with `data`) each recipe run per seed; the seed recipe always runs
     first when timing, so its time and the others' come from the same invocation. `to_target`: instead of whole
     runs, the time each recipe takes to reach the seed recipe's final test accuracy (see to_target_bench).
-    `overrides` (config values, e.g. {"ema_decay": 0.95}) apply to every recipe but the seed baseline."""
+    `overrides` (config values, e.g. {"ema_decay": 0.95}) apply to every recipe but the seed baseline. `notebook`:
+    the teaching notebook's own loop runs first, once per seed, and every recipe is compared with it. `pareto` (with
+    `notebook`): accuracy against wall time of every run, the frontier marked, in pareto.md, pareto.json and
+    pareto.svg (cifar_cnn.frontier)."""
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise CifarCnnError(f"bench: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
@@ -422,6 +433,8 @@ def run_bench(
         raise CifarCnnError(f"bench: --probe-images {probe_images} must be at least 1")
     if not throughput_only and not data:
         raise CifarCnnError("bench: time-to-accuracy runs need --data (or pass --throughput-only)")
+    if (notebook or pareto) and (throughput_only or to_target):
+        raise CifarCnnError("bench: --notebook and --pareto time whole runs; drop --throughput-only and --to-target")
     overrides = dict(overrides or {})
     for recipe in recipes:
         if recipe != "seed":
@@ -459,6 +472,8 @@ def run_bench(
             log=log,
         )
     elif not throughput_only:
+        if notebook:
+            result["notebook"] = notebook_runs(seeds, data, out, log)
         extra = ["--device", device] + (["--threads", str(threads)] if threads else [])
         if overrides:  # a config file sits between the recipe and the command line
             atomic_write_text(out / "overrides.yaml", yaml.safe_dump(overrides))
@@ -484,6 +499,44 @@ def run_bench(
                     else f"does not reach the seed recipe's {100 * base_acc:.1f}%"
                 )
             )
+        if notebook:
+            result["ratios"] += notebook_ratios(result["notebook"], result["runs"], order)
+    if pareto and result["runs"]:
+        result["pareto"] = write_frontier(out, result.get("notebook", []), result["runs"], result["machine"])
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "bench.md", markdown(result))
     return result
+
+
+def notebook_runs(seeds: list[int], data: str, out: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The teaching notebook's own loop (cifar_cnn.notebook_loop) once per seed, before any recipe runs."""
+    runs = []
+    for seed in seeds:
+        r = notebook_loop(data, out / f"notebook-seed{seed}", seed=seed, log=lambda m: None)
+        log(f"notebook loop seed {seed}: {100 * r['accuracy']:.2f}% in {r['wall_s']:.0f} s")
+        runs.append(r)
+    return runs
+
+
+def notebook_ratios(base: list[dict[str, Any]], runs: list[dict[str, Any]], recipes: list[str]) -> list[str]:
+    """For each recipe: the notebook loop's median wall time over the recipe's, and whether the recipe reached the
+    notebook loop's test accuracy on every seed (seed by seed: the same seed's loop)."""
+    lines = []
+    base_s = statistics.median(r["wall_s"] for r in base)
+    base_acc = {r["seed"]: r["accuracy"] for r in base}
+    for recipe in recipes:
+        mine = [r for r in runs if r["recipe"] == recipe]
+        if not mine:
+            continue
+        ratio = base_s / statistics.median(r["wall_s"] for r in mine)
+        below = [r["seed"] for r in mine if r["accuracy"] < base_acc.get(r["seed"], 0.0)]
+        lines.append(
+            f"notebook loop / {recipe} = {base_s:.1f} s / {statistics.median(r['wall_s'] for r in mine):.1f} s = "
+            f"{ratio:.1f}x (median wall times, same invocation); {recipe} "
+            + (
+                "reaches the notebook loop's test accuracy on every seed"
+                if not below
+                else f"is below the notebook loop's test accuracy on seed(s) {', '.join(map(str, below))}"
+            )
+        )
+    return lines

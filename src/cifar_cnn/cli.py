@@ -1023,11 +1023,12 @@ def _serve_limit_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .recipes import RECIPES
 
     log = _logger(args.json)
     result = run_bench(
         Path(args.out),
-        recipes=args.recipes.split(","),
+        recipes=(args.recipes or (",".join(RECIPES) if args.pareto else "seed,quick,fast")).split(","),
         seeds=args.seeds,
         data=args.data,
         throughput_only=args.throughput_only,
@@ -1038,12 +1039,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         device=args.device,
         threads=args.threads,
+        notebook=args.notebook or args.pareto,
+        pareto=args.pareto,
         log=log,
     )
     if args.json:
         _emit_json(result)
     else:
         log((Path(args.out) / "bench.md").read_text())
+        if args.pareto:
+            log((Path(args.out) / "pareto.md").read_text())
     return 0
 
 
@@ -1058,7 +1063,11 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.add_argument("--data", default=None, metavar="SOURCE", help="data for the time-to-accuracy runs")
-    p.add_argument("--recipes", default="seed,quick,fast", help="comma-separated recipe names")
+    p.add_argument(
+        "--recipes",
+        default=None,
+        help="comma-separated recipe names (default: seed,quick,fast; every recipe with --pareto)",
+    )
     p.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated seeds for the time-to-accuracy runs")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="where bench.json and bench.md go")
     p.add_argument("--throughput-only", action="store_true", help="skip the training runs")
@@ -1070,6 +1079,18 @@ def _build_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target", type=float, default=None, metavar="ACC", help="--to-target: this accuracy (0-1) instead")
     p.add_argument("--probe-images", type=int, default=5000, metavar="N", help="--to-target: test every N images")
+    p.add_argument(
+        "--notebook",
+        action="store_true",
+        help="time the teaching notebook's own training loop once per seed first (per-image tensors in a DataLoader, "
+        "batch 20, SGD lr 0.01, 80/20 split, 10 epochs) and compare every recipe with it",
+    )
+    p.add_argument(
+        "--pareto",
+        action="store_true",
+        help="with the notebook's loop: accuracy against wall time of every recipe, the frontier marked and the "
+        "published anchors cited, in pareto.md, pareto.json and pareto.svg",
+    )
     p.add_argument(
         "--set",
         action="append",

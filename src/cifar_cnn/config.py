@@ -193,6 +193,9 @@ class TrainConfig:
     loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", LOSS_REDUCTIONS)
     val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
     subset: int = _f(0, "use only this many training images, stratified (0: all)")
+    max_train_images: int = _f(
+        0, "use at most this many training images, stratified (0: all); unlike subset, fewer images are all used"
+    )
     seed: int = _f(0, "seed of the split, the initial weights, shuffling, augmentation and dropout")
     mean: tuple | None = _f(None, "per-channel normalization mean of 0..1 pixels (default: the model's)")
     std: tuple | None = _f(None, "per-channel normalization std (default: the model's)")
@@ -489,6 +492,7 @@ def validate(c: TrainConfig) -> TrainConfig:
         (c.head_lr_factor > 0 and c.early_params_epochs >= 0, "head_lr_factor must be positive"),
         (0 <= c.val_split < 1, "val_split must be in [0, 1)"),
         (c.subset >= 0, "subset must be >= 0"),
+        (c.max_train_images >= 0, "max_train_images must be >= 0"),
         (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= c.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (c.warmup_epochs >= 0 and c.unfreeze_warmup_epochs >= 0, "warmup epochs must be >= 0"),

@@ -468,6 +468,14 @@ class Splits:
         return self.calibration_images, self.calibration_labels
 
 
+def training_subset(subset: int, max_train_images: int, available: int) -> int | None:
+    """How many training images a run takes (stratified), None for all: `subset` exactly (config.subset), else at most
+    `max_train_images` of the `available` ones (0: no cap)."""
+    if subset:
+        return subset
+    return max_train_images if 0 < max_train_images < available else None
+
+
 def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = None, calibration: int = 0) -> Splits:
     """Take `subset` training images (stratified) if asked, then hold out `val_split` of them (stratified), both
     fixed by `seed`. A data set with its own validation images (a val/ folder) keeps those instead. With no

@@ -17,7 +17,7 @@ from torch import nn
 from .. import presets, transfer
 from ..checkpoint import state_dict_mismatch
 from ..config import TrainConfig, apply, validate
-from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
+from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits, training_subset
 from ..data.dataset import ImageSet
 from ..data.pipeline import Augment, TensorLoader, normalize_split, resize_batch
 from ..data.stream import StreamLoader
@@ -171,7 +171,8 @@ def load_run_data(
         recorded = recorded_source(ckpt, run_dir)
         given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
-    splits = make_splits(ds, config.val_split, config.seed, config.subset or None, config.calibration_holdout())
+    subset = training_subset(config.subset, config.max_train_images, len(ds.train_labels))
+    splits = make_splits(ds, config.val_split, config.seed, subset, config.calibration_holdout())
     if len(splits.train_labels) == 0:  # before anything is computed from the (empty) training split
         raise CifarCnnError(
             f"val_split {config.val_split} holds out all {len(splits.val_labels)} training images for validation, "
