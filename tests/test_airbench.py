@@ -106,3 +106,56 @@ def test_airbench_resume_bit_identical(tmp_path: Path, official_dir: Path) -> No
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(part / "last.pt")
     for k in a["model_state"]:
         assert torch.equal(a["model_state"][k], b["model_state"][k]), k
+
+
+@pytest.mark.parametrize("extra", [{}, {"val_split": 0.2}, {"ema_decay": 0.9, "val_split": 0.2}])
+def test_patch_epochs_train_on_patches_first_then_at_full_resolution(
+    extra: dict, tmp_path: Path, official_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progressive resizing: with patch_epochs 2 of 3, every training forward of epochs 1-2 runs the whitening layer
+    at stride 2 and those of epoch 3 at stride 1, while every evaluation (validation, probes, the test; with and
+    without a weight average) sees the net as saved, at stride 1: a patch epoch is judged by what best.pt holds."""
+    from cifar_cnn.evaluate import evaluate_checkpoint
+    from cifar_cnn.models import airbench
+
+    calls: list[tuple[bool, tuple[int, int]]] = []
+    forward = airbench.AirNet.forward
+
+    def recording(self: airbench.AirNet, x: torch.Tensor) -> torch.Tensor:
+        calls.append((self.training, tuple(self.whiten.stride)))
+        return forward(self, x)
+
+    monkeypatch.setattr(airbench.AirNet, "forward", recording)
+    values = {"epochs": 3, "patch_epochs": 2, "batch_size": 100, "device": "cpu", "eval_batch_size": 200}
+    cfg = resolve_config("quick", None, {**values, "tta": "none", **extra})
+    probed: list[tuple[int, int]] = []
+    lines: list[str] = []
+    res = train(
+        cfg,
+        str(official_dir),
+        tmp_path / "run",
+        log=lines.append,
+        threads=1,
+        probe=lambda model, step, spe: probed.append(tuple(model.whiten.stride)),
+    )
+    training = [stride for is_training, stride in calls if is_training]
+    steps = len(training) // 3
+    assert steps in (4, 6) and training == [(2, 2)] * (2 * steps) + [(1, 1)] * steps
+    assert all(stride == (1, 1) for is_training, stride in calls if not is_training)
+    assert probed == [(1, 1)] * (3 * steps)
+    assert "epoch 1: 2x2 patches (1/4 of the pixels)" in lines and "epoch 3: full resolution from here" in lines
+    again = evaluate_checkpoint(tmp_path / "run" / "best.pt", str(official_dir), device="cpu", log=lambda m: None)
+    assert again["accuracy"] == res["test_metrics"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"model": "resnet18"},
+        {"model_args": {"widths": [8, 8, 8], "whiten_stride": 2}},
+        {"epochs": 2, "patch_epochs": 2},
+    ],
+)
+def test_patch_epochs_refused_where_it_cannot_apply(values: dict) -> None:
+    with pytest.raises(CifarCnnError, match="patch_epochs"):
+        resolve_config("quick", None, {"patch_epochs": 1, "epochs": 3, **values})

@@ -54,7 +54,8 @@ LAYERS: list[list[str]] = [
     ["engine"],
     # on top of the engine and of prediction
     ["export", "progress", "serve.limits", "serve.app", "serve"],
-    ["workflow", "tune", "bench", "lr_find"],
+    ["workflow", "tune", "notebook_loop", "frontier", "lr_find"],
+    ["bench"],
     ["cli"],
     ["__main__", "__init__"],
 ]

@@ -160,3 +160,43 @@ def test_explain_bench_tiny(tmp_path: Path, official_dir: Path, tiny_run: Path) 
         assert -1 <= m["randomization"]["spearman_mean"] <= 1 and m["ms_per_image"] > 0
     c = r["calibration"]
     assert 0 <= c["ece"] <= 1 and c["temperature"] == 1.0 and c["uncalibrated"]["ece"] == pytest.approx(c["ece"])
+
+
+def _selective_tta_module():  # the script, imported as a module (benchmarks/ is not a package)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selective_tta", BENCHMARKS / "selective_tta.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selective_tta_takes_the_tta_logits_of_the_least_confident_only() -> None:
+    import torch
+
+    sel = _selective_tta_module().selective_accuracy
+    plain = torch.tensor([[5.0, 0.0], [0.1, 0.0], [0.0, 0.2], [0.0, 9.0]])  # confidence: high, low, low, high
+    full = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # TTA flips every prediction
+    labels = torch.tensor([0, 1, 0, 1])
+    assert sel(plain, full, labels, 0.0) == 0.5  # plain: right on 0 and 3
+    assert sel(plain, full, labels, 0.5) == 1.0  # the two unsure ones (1 and 2) take TTA's answer: all right
+    assert sel(plain, full, labels, 1.0) == 0.5  # all TTA: right on 1 and 2 only
+
+
+@pytest.mark.slow
+def test_selective_tta_script_on_a_tiny_run(tmp_path: Path, official_dir: Path) -> None:
+    from cifar_cnn import resolve_config, train
+
+    cfg = resolve_config("instant", None, {"device": "cpu", "eval_batch_size": 200, "batch_size": 100})
+    train(cfg, str(official_dir), tmp_path / "run", log=lambda m: None, threads=1)
+    out = tmp_path / "sel.json"
+    done = run_script(
+        str(BENCHMARKS / "selective_tta.py"),
+        str(tmp_path / "run" / "best.pt"),
+        *("--fractions", "0,1", "--repeats", "1", "--json", str(out)),
+    )
+    rows = json.loads(out.read_text())
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert [r["fraction"] for r in rows] == [0.0, 1.0] and rows[1]["passes_per_image"] == 2.0
+    assert rows[1]["accuracy"] == test["accuracy"]  # all images with TTA: what the run's flip-TTA test measured
+    assert "| 1 | " in done.stdout

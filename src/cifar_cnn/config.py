@@ -193,6 +193,11 @@ class TrainConfig:
     loss_reduction: str = _f("mean", "cross-entropy over a batch: mean, or sum (LR then per image)", LOSS_REDUCTIONS)
     val_split: float = _f(0.2, "fraction of the training images held out for validation (0: train on all)")
     subset: int = _f(0, "use only this many training images, stratified (0: all)")
+    patch_epochs: int = _f(
+        0,
+        "airbench: progressive resizing; the first N epochs run the whitening layer on non-overlapping 2x2 patches "
+        "(16 x 16 maps, a quarter of the FLOPs), the rest at full resolution (0: off)",
+    )
     max_train_images: int = _f(
         0, "use at most this many training images, stratified (0: all); unlike subset, fewer images are all used"
     )
@@ -493,6 +498,11 @@ def validate(c: TrainConfig) -> TrainConfig:
         (0 <= c.val_split < 1, "val_split must be in [0, 1)"),
         (c.subset >= 0, "subset must be >= 0"),
         (c.max_train_images >= 0, "max_train_images must be >= 0"),
+        (0 <= c.patch_epochs < max(1, c.epochs), "patch_epochs must be >= 0 and below epochs"),
+        (
+            not c.patch_epochs or (c.model == "airbench" and c.model_args.get("whiten_stride", 1) == 1),
+            "patch_epochs needs model airbench at whiten_stride 1 (progressive resizing of its whitening layer)",
+        ),
         (0 <= c.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= c.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (c.warmup_epochs >= 0 and c.unfreeze_warmup_epochs >= 0, "warmup epochs must be >= 0"),

@@ -104,6 +104,10 @@ _HOST_SYNC_OPS = (
     "aten._unique2",
     "aten.equal",
     "aten.is_nonzero",
+    "aten.bincount",
+    "aten.repeat_interleave",
+    "aten.unique_consecutive",
+    "aten.unique_dim",
 )
 
 
@@ -111,7 +115,9 @@ _HOST_SYNC_OPS = (
 def count_host_syncs() -> Iterator[collections.Counter]:
     """Count the operators run inside the block that would make the host wait for a GPU (see _HOST_SYNC_OPS; indexing
     with a boolean mask counts too), by operator name, on any device: on a CPU nothing waits, but the same code on a
-    GPU would. A diagnostic for tests and benchmarks; it slows what runs inside it."""
+    GPU would. A diagnostic for tests and benchmarks; it slows what runs inside it. Not seen on a CPU: copies from
+    the device to the host (.cpu(), .numpy(), .tolist() of a CUDA tensor), which are no copies there; on a GPU,
+    torch.cuda.set_sync_debug_mode("warn") reports those."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: collections.Counter = collections.Counter()

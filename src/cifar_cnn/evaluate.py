@@ -20,7 +20,7 @@ from torch import nn
 from .calibration import calibration_metrics, softmax
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .choices import SPLITS, TTA_MODES, check_choice
-from .data import Dataset, DataSource, Splits, load_dataset, make_splits, training_subset
+from .data import Dataset, DataSource, Splits, load_dataset, make_splits
 from .data.pipeline import resize_batch, to_tensor
 from .data.preprocess import normalize
 from .device import autocast, resolve_device, resolve_precision, set_threads
@@ -171,8 +171,14 @@ def checkpoint_splits(ds: Dataset, ckpt: dict[str, Any]) -> Splits:
     validation set, and for a run trained on all images with --calibrate, the images held out for calibration)."""
     cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     calibration = int(cfg.get("calibration_images", 0)) if cfg.get("calibrate") else 0
-    subset = training_subset(int(cfg.get("subset") or 0), int(cfg.get("max_train_images") or 0), len(ds.train_labels))
-    return make_splits(ds, float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)), subset, calibration)
+    return make_splits(
+        ds,
+        float(cfg.get("val_split", 0.2)),
+        int(cfg.get("seed", 0)),
+        cfg.get("subset") or None,
+        calibration,
+        int(cfg.get("max_train_images") or 0),
+    )
 
 
 def _split_arrays(splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 
 from .data.load import load_dataset
+from .device import resolve_device
 from .models import create_model
 
 EPOCHS, BATCH_SIZE, LR, VALID_SIZE = 10, 20, 0.01, 0.2  # the notebook's settings
@@ -42,10 +43,13 @@ class PerImageTensors(Dataset):
         return (x - 0.5) / 0.5, int(self.labels[i])  # Normalize((0.5,)*3, (0.5,)*3)
 
 
-def _epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: Any = None) -> float:
+def _epoch(
+    model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, optimizer: Any = None
+) -> float:
     """One pass; trains when given an optimizer. Returns the summed loss over the images, as the notebook adds it."""
     total = 0.0
     for data, target in loader:
+        data, target = data.to(device), target.to(device)  # the notebook's `if train_on_gpu: ... .cuda()`
         if optimizer is not None:
             optimizer.zero_grad()
         output = model(data)
@@ -63,12 +67,14 @@ def notebook_loop(
     *,
     seed: int = 0,
     epochs: int = EPOCHS,
+    device: str = "auto",
     home: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the notebook's network the notebook's way on `data` and test it; wall seconds from the call (the decode
     cache read included) to the test accuracy, the test accuracy and the per-epoch losses. `out` holds its
-    model_cifar.pt."""
+    model_cifar.pt. `device` "auto" is the notebook's choice: the GPU when there is one."""
+    dev = resolve_device(device)
     started = time.perf_counter()
     ds = load_dataset(data, 32, home=home, log=lambda m: None)
     torch.manual_seed(seed)
@@ -81,7 +87,7 @@ def notebook_loop(
     valid_loader = DataLoader(train_set, batch_size=BATCH_SIZE, sampler=SubsetRandomSampler(valid_idx))
     test_loader = DataLoader(PerImageTensors(ds.test_images, ds.test_labels), batch_size=BATCH_SIZE)
 
-    model = create_model("seed_cnn", num_classes=len(ds.classes))
+    model = create_model("seed_cnn", num_classes=len(ds.classes)).to(dev)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,10 +95,10 @@ def notebook_loop(
     valid_loss_min, history = np.inf, []
     for epoch in range(epochs):
         model.train()
-        train_loss = _epoch(model, train_loader, criterion, optimizer) / len(train_idx)
+        train_loss = _epoch(model, train_loader, criterion, dev, optimizer) / len(train_idx)
         model.eval()
         with torch.no_grad():
-            valid_loss = _epoch(model, valid_loader, criterion) / len(valid_idx)
+            valid_loss = _epoch(model, valid_loader, criterion, dev) / len(valid_idx)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": valid_loss})
         log(f"notebook loop seed {seed}: epoch {epoch + 1}/{epochs} train {train_loss:.4f} valid {valid_loss:.4f}")
         if valid_loss <= valid_loss_min:
@@ -104,7 +110,7 @@ def notebook_loop(
     correct = 0
     with torch.no_grad():
         for data_, target in test_loader:
-            correct += int((model(data_).argmax(1) == target).sum())
+            correct += int((model(data_.to(dev)).argmax(1).cpu() == target).sum())
     return {
         "seed": seed,
         "wall_s": time.perf_counter() - started,

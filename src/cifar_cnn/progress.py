@@ -98,21 +98,21 @@ class ProgressBar:
             now = time.perf_counter()
             if now - self._shown >= self.refresh_s or done == self._steps:
                 self._shown = now
+                loss, acc = totals.loss, totals.accuracy  # first: reading them waits for the queued steps
                 ips, _ = self._rate(step)
-                self._bar.set_postfix_str(
-                    f"loss {totals.loss:.4f} acc {100 * totals.accuracy:.2f}% {ips:.0f} img/s", refresh=False
-                )
+                self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}% {ips:.0f} img/s", refresh=False)
             self._bar.update(1)
             return
         # a line after the first step (early speed and ETA), then at every tenth of the epoch and at its last step
         if done >= self._next_line or done == self._steps:
+            loss, acc = totals.loss, totals.accuracy  # first: reading them waits for the queued steps
             ips, eta = self._rate(step)
             every = max(1, -(-self._steps // self.lines_per_epoch))
             self._next_line = (done // every + 1) * every
             tail = f"ETA {_clock(eta)}" if done < self._steps else f"{_clock(time.perf_counter() - self._t0)} elapsed"
             print(
-                f"  epoch {self._epoch + 1}/{self._epochs}  step {done}/{self._steps}  loss {totals.loss:.4f}  "
-                f"acc {100 * totals.accuracy:.2f}%  {ips:.0f} img/s  {tail}",
+                f"  epoch {self._epoch + 1}/{self._epochs}  step {done}/{self._steps}  loss {loss:.4f}  "
+                f"acc {100 * acc:.2f}%  {ips:.0f} img/s  {tail}",
                 file=self.stream,
                 flush=True,
             )

@@ -486,7 +486,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run `trials` more trials of the study (created or continued), then write OUT/best.yaml, OUT/trials.csv and
     OUT/search.png; returns a summary. Selection uses validation accuracy only."""
-    from .data import load_dataset, make_splits, training_subset
+    from .data import load_dataset, make_splits
     from .engine import DivergenceError, train
     from .presets import resolve_input_size
 
@@ -503,9 +503,7 @@ def run_study(
     ds = load_dataset(data, resolve_input_size(base), home=home, threads=threads, log=log)
     if ds.val_images is None and base.val_split == 0:
         raise CifarCnnError("tune selects on the validation split: set val_split > 0 (or give the data a val/ folder)")
-    splits = make_splits(
-        ds, base.val_split, base.seed, training_subset(base.subset, base.max_train_images, len(ds.train_labels))
-    )
+    splits = make_splits(ds, base.val_split, base.seed, base.subset or None, max_train_images=base.max_train_images)
     if len(splits.val_labels) == 0:
         raise CifarCnnError("tune selects on the validation split, and it is empty: raise val_split")
     try:

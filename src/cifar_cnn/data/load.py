@@ -476,12 +476,21 @@ def training_subset(subset: int, max_train_images: int, available: int) -> int |
     return max_train_images if 0 < max_train_images < available else None
 
 
-def make_splits(ds: Dataset, val_split: float, seed: int, subset: int | None = None, calibration: int = 0) -> Splits:
-    """Take `subset` training images (stratified) if asked, then hold out `val_split` of them (stratified), both
-    fixed by `seed`. A data set with its own validation images (a val/ folder) keeps those instead. With no
-    validation images at all, `calibration` > 0 holds out that many training images (stratified, fixed by `seed`)
-    for fitting a softmax temperature (`train --calibrate`); they are not trained on."""
+def make_splits(
+    ds: Dataset,
+    val_split: float,
+    seed: int,
+    subset: int | None = None,
+    calibration: int = 0,
+    max_train_images: int = 0,
+) -> Splits:
+    """Take `subset` training images (stratified) if asked, or at most `max_train_images` (see training_subset), then
+    hold out `val_split` of them (stratified), both fixed by `seed`. A data set with its own validation images (a
+    val/ folder) keeps those instead. With no validation images at all, `calibration` > 0 holds out that many
+    training images (stratified, fixed by `seed`) for fitting a softmax temperature (`train --calibrate`); they are
+    not trained on."""
     x, y = ds.train_images, ds.train_labels
+    subset = training_subset(subset or 0, max_train_images, len(y))
     if subset:
         idx = stratified_subset(y, subset, seed)
         x, y = take(x, idx), y[idx]

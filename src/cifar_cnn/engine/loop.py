@@ -51,10 +51,10 @@ def divergence(loss: torch.Tensor, x: torch.Tensor, epoch: int, step: int) -> Di
 class LossWatch:
     """Which step's loss first stopped being finite, recorded on the device so that a step never waits for it.
 
-    The host reads the record (`check`) at the end of an epoch, when the epoch stops early, and otherwise at most
-    once every `every_s` seconds: on a GPU the steps queue up ahead of the host instead of stopping at every loss.
-    A non-finite loss is then reported with the step it happened at, its batch rebuilt from the loader to tell bad
-    inputs from a too high learning rate."""
+    The host reads the record (`check`) after an epoch's first update (a run that diverges at once fails at once),
+    at its end, when it stops early, and otherwise at most once every `every_s` seconds: on a GPU the steps queue up
+    ahead of the host instead of stopping at every loss. A non-finite loss is then reported with the step it
+    happened at, its batch rebuilt from the loader to tell bad inputs from a too high learning rate."""
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
@@ -173,10 +173,13 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def apply_update(optimizer: Any, scaler: torch.amp.GradScaler | None, clip_grad: float = 0.0) -> bool:
+def apply_update(
+    optimizer: Any, scaler: torch.amp.GradScaler | None, clip_grad: float = 0.0, report: bool = True
+) -> bool:
     """The optimizer step on the accumulated gradients, their global L2 norm first clipped to `clip_grad` (0: off;
     after unscaling them, with fp16). With a loss scaler a step whose gradients overflowed is skipped. Returns
-    whether the weights were updated."""
+    whether the weights were updated (with `report`; reading the scale waits for the device, so the training loop
+    does not ask, and returns True then; fp16's GradScaler.step itself reads whether the gradients overflowed)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if scaler is None:
         if clip_grad > 0:
@@ -186,10 +189,10 @@ def apply_update(optimizer: Any, scaler: torch.amp.GradScaler | None, clip_grad:
     if clip_grad > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    scale = scaler.get_scale()
+    scale = scaler.get_scale() if report else 0.0
     scaler.step(optimizer)
     scaler.update()
-    return scaler.get_scale() >= scale
+    return scaler.get_scale() >= scale if report else True
 
 
 def batch_loss(
@@ -272,7 +275,9 @@ def train_one_epoch(
     """
     (set_mode or nn.Module.train)(model)
     totals = totals or EpochTotals()
-    watch = LossWatch()
+    # under DDP every rank must raise at the same step (else the others wait in the next all-reduce): only at the
+    # points all ranks share (the first update, a stop, the epoch's end), never by each rank's own clock
+    watch = LossWatch(every_s=float("inf") if hasattr(model, "no_sync") else 30.0)
     steps = len(loader)
     updates = updates_per_epoch(steps, accum_steps)
     for step, x, y in loader.batches(epoch, start_step):
@@ -296,12 +301,14 @@ def train_one_epoch(
             backward(loss * weight if weight != 1.0 else loss, scaler)
         hard = y.argmax(1) if y.ndim == 2 else y  # mixed targets: the larger share's class
         totals.add(
-            loss.detach() * (len(y) if loss_reduction == "mean" else 1), (logits.argmax(1) == hard).sum(), len(y)
+            loss.detach().double() * (len(y) if loss_reduction == "mean" else 1),
+            (logits.argmax(1) == hard).sum(),
+            len(y),
         )
         if not last:
             continue
-        apply_update(optimizer, scaler, clip_grad)
-        if watch.due():
+        apply_update(optimizer, scaler, clip_grad, report=False)
+        if watch.due() or step // accum_steps == start_step // accum_steps:  # and the first update: fail fast
             watch.check(loader, epoch)
         if on_step is not None and on_step(step, totals):
             watch.check(loader, epoch)

@@ -44,7 +44,7 @@ from ..rundir import (
 )
 from .checkpointer import Checkpointer
 from .loop import DivergenceError, batch_loss, train_one_epoch
-from .state import RunState, build_run_state, enter_phase
+from .state import RunState, at_full_resolution, build_run_state, enter_phase, set_resolution
 
 Probe = Callable[[nn.Module, int, int], None]
 
@@ -116,7 +116,8 @@ class StepHooks:
         if self.progress is not None:
             self.progress.step(step, totals)
         if self.probe is not None:
-            self.probe(s.eval_model, self.epoch * s.steps_per_epoch + step + 1, s.steps_per_epoch)
+            with at_full_resolution(s.eval_model):
+                self.probe(s.eval_model, self.epoch * s.steps_per_epoch + step + 1, s.steps_per_epoch)
         return self.stop_requested()
 
     def stop_requested(self) -> bool:
@@ -130,17 +131,18 @@ def validate_epoch(state: RunState, epoch: int, paths: RunPaths) -> tuple[float 
     splits = state.data.splits
     if not len(splits.val_labels):
         return None, None
-    logits = predict_logits(
-        state.eval_model,
-        splits.val_images,
-        state.data.mean,
-        state.data.std,
-        batch_size=state.config.eval_batch_size,
-        device=state.device,
-        precision=state.precision,
-        channels_last=state.channels_last,
-        size=state.data.input_size,
-    )
+    with at_full_resolution(state.eval_model):
+        logits = predict_logits(
+            state.eval_model,
+            splits.val_images,
+            state.data.mean,
+            state.data.std,
+            batch_size=state.config.eval_batch_size,
+            device=state.device,
+            precision=state.precision,
+            channels_last=state.channels_last,
+            size=state.data.input_size,
+        )
     labels = torch.from_numpy(np.asarray(splits.val_labels))
     weights = state.class_weights.cpu() if state.class_weights is not None else None
     val = {
@@ -188,6 +190,7 @@ def fit(
         if hooks.progress is not None:
             hooks.progress.epoch_start(epoch, config.epochs, state.steps_per_epoch, state.start_step, config.batch_size)
         enter_phase(state, epoch, log)
+        set_resolution(state, epoch, log)
         totals, next_step = train_one_epoch(
             state.train_model,
             state.loader,

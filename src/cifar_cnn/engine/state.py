@@ -3,6 +3,7 @@ and the position to start from (a fresh start, or exactly where a resumed checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from torch import nn
 from .. import presets, transfer
 from ..checkpoint import state_dict_mismatch
 from ..config import TrainConfig, apply, validate
-from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits, training_subset
+from ..data import DataSource, Splits, check_same_data, load_dataset, make_splits
 from ..data.dataset import ImageSet
 from ..data.pipeline import Augment, TensorLoader, normalize_split, resize_batch
 from ..data.stream import StreamLoader
@@ -41,6 +42,12 @@ def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any] | None =
             raise CifarCnnError(
                 f"--{key.replace('_', '-')} cannot change on --resume: it would change which training images the run "
                 "holds out; calibrate the finished run with `cifar-cnn calibrate RUN_DIR/best.pt` instead"
+            )
+    for key in ("subset", "max_train_images"):
+        if getattr(resumed, key) != getattr(config, key):
+            raise CifarCnnError(
+                f"--{key.replace('_', '-')} cannot change on --resume: it would change which images the run trains "
+                f"on (it has {getattr(config, key)}); start a new run for other images"
             )
     return resumed
 
@@ -103,6 +110,28 @@ class RunState:
         model.train()
         if self.body_frozen:
             transfer.train_mode(self.model, transfer.check_head(self.model, self.config.model), frozen=True)
+
+
+def set_resolution(state: RunState, epoch: int, log: Callable[[str], None]) -> None:
+    """Progressive resizing (config.patch_epochs): the airbench whitening layer on 2x2 patches for the first epochs,
+    at full resolution from then on (also right when a resumed run starts)."""
+    n = state.config.patch_epochs
+    if not n:  # (config validation allows it for airbench only)
+        return
+    k = state.model.whiten.kernel_size[0]
+    stride = k if epoch < n else 1
+    if state.model.whiten.stride != (stride, stride):
+        state.model.set_whiten_stride(stride)
+        log(
+            f"epoch {epoch + 1}: "
+            + (f"{k}x{k} patches (1/{k * k} of the pixels)" if stride > 1 else "full resolution from here")
+        )
+
+
+def at_full_resolution(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Validation and probes see the net as it is saved, at full resolution, also during patch epochs (so a patch
+    epoch is judged by what best.pt would hold)."""
+    return model.full_resolution() if hasattr(model, "full_resolution") else contextlib.nullcontext()
 
 
 def enter_phase(state: RunState, epoch: int, log: Callable[[str], None]) -> None:
@@ -171,8 +200,9 @@ def load_run_data(
         recorded = recorded_source(ckpt, run_dir)
         given = str(source) if data is not None and data.path else None
         check_same_data(recorded_fingerprint(ckpt), fingerprint, f"{resume} (source {recorded})", given)
-    subset = training_subset(config.subset, config.max_train_images, len(ds.train_labels))
-    splits = make_splits(ds, config.val_split, config.seed, subset, config.calibration_holdout())
+    splits = make_splits(
+        ds, config.val_split, config.seed, config.subset, config.calibration_holdout(), config.max_train_images
+    )
     if len(splits.train_labels) == 0:  # before anything is computed from the (empty) training split
         raise CifarCnnError(
             f"val_split {config.val_split} holds out all {len(splits.val_labels)} training images for validation, "

@@ -10,6 +10,9 @@ recipes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +86,26 @@ class AirNet(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()
+
+    def set_whiten_stride(self, stride: int) -> None:
+        """Run the whitening layer at `stride` 1 (overlapping patches, full resolution) or at its kernel size
+        (non-overlapping patches: 1/kernel^2 of the pixels from there on); the weights fit both (progressive resizing:
+        config.patch_epochs)."""
+        k = self.whiten.kernel_size[0]
+        if stride not in (1, k):
+            raise ValueError(f"whiten_stride must be 1 or whiten_kernel ({k}), got {stride}")
+        self.whiten.stride = (stride, stride)
+
+    @contextlib.contextmanager
+    def full_resolution(self) -> Iterator[None]:
+        """The net as it is saved (the whitening layer at stride 1) inside the block, whatever stride it trains at
+        now (validation and probes during patch epochs)."""
+        stride = self.whiten.stride
+        self.whiten.stride = (1, 1)
+        try:
+            yield
+        finally:
+            self.whiten.stride = stride
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
