@@ -100,8 +100,10 @@ def test_calibrate_lowers_the_test_ece_of_an_overconfident_model(
     assert fitted["split"] == "val" and 100 < fitted["num_images"] < 140 and fitted["temperature"] > 2
     assert fitted["after"]["nll"] < fitted["before"]["nll"]
 
-    raw = _json(capsys, ["evaluate", str(ck), "--json", "--threads", "1", "--device", "cpu"])
-    cal = _json(capsys, ["evaluate", str(copy), "--json", "--threads", "1", "--device", "cpu"])
+    # fp32 as the Predictor below computes (on a CPU with bf16, --precision auto would evaluate in bf16)
+    fp32 = ["--json", "--threads", "1", "--device", "cpu", "--precision", "fp32"]
+    raw = _json(capsys, ["evaluate", str(ck), *fp32])
+    cal = _json(capsys, ["evaluate", str(copy), *fp32])
     assert raw["temperature"] == 1.0 and cal["temperature"] == pytest.approx(fitted["temperature"])
     assert cal["ece"] < raw["ece"] - 0.05 and cal["nll"] < raw["nll"], (raw["ece"], cal["ece"])
     assert cal["uncalibrated"]["ece"] == pytest.approx(raw["ece"]) and cal["accuracy"] == raw["accuracy"]
