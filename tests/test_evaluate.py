@@ -85,24 +85,3 @@ def test_evaluate_checkpoint_result_on_the_runs_own_data(tmp_path: Path, officia
     assert np.allclose(result.probabilities().sum(1), 1)
     plain = evaluate_checkpoint(best, split="val", device="cpu", precision="fp32", log=lambda _: None)
     assert plain.logits is None and plain.metrics == result.metrics
-
-
-@pytest.mark.parametrize("base", ["flip", "flip-translate"])
-def test_selective_tta_augments_the_least_confident_quarter_only(base: str) -> None:
-    """selective-<mode>: the ceil(n/4) images whose plain view is least confident get <mode>'s full average, the rest
-    their plain logits; checked against the plain and full TTA logits computed separately."""
-    from cifar_cnn.evaluate import tta_logits
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
-    x = torch.randn(10, 3, 8, 8)
-    with torch.no_grad():
-        plain, full = tta_logits(model, x, "none"), tta_logits(model, x, base)
-        got = tta_logits(model, x, f"selective-{base}")
-        one = tta_logits(model, x[:1], f"selective-{base}")
-    unsure = set(torch.argsort(plain.softmax(1).amax(1))[:3].tolist())  # ceil(10 / 4) = 3
-    for i in range(10):
-        want = full[i] if i in unsure else plain[i]
-        assert torch.allclose(got[i], want, atol=1e-5), i
-    assert torch.allclose(one[0], full[0], atol=1e-5)  # a single image is its batch's least confident: augmented
-    assert not torch.allclose(got, full) and not torch.allclose(got, plain)

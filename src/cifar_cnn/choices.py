@@ -8,20 +8,8 @@ from __future__ import annotations
 
 from .errors import CifarCnnError
 
-TTA_MODES = (
-    "none",
-    "flip",
-    "flip-translate",
-    "selective-flip",
-    "selective-flip-translate",
-)  # test-time augmentation (see cifar_cnn.evaluate.tta_logits)
-TTA_VIEWS = {
-    "none": 1,
-    "flip": 2,
-    "flip-translate": 6,
-    "selective-flip": 1.25,
-    "selective-flip-translate": 2.25,
-}  # forward passes per image for each TTA mode
+TTA_MODES = ("none", "flip", "flip-translate")  # test-time augmentation (see cifar_cnn.evaluate.tta_logits)
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}  # forward passes per image for each TTA mode
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: see cifar_cnn.device.resolve_precision
 DEVICES = ("auto", "cpu", "cuda")  # the inference commands also take cuda:N
 SCHEDULES = ("constant", "onecycle", "linear", "cosine", "step")  # see cifar_cnn.schedules

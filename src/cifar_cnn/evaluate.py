@@ -7,7 +7,6 @@ checkpoints through it without importing the trainer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,34 +45,21 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
 
 
-SELECTIVE_SHARE = 0.25  # selective TTA: the share of a batch given the extra views (benchmarks/README.md, issue 18)
-
-
-def _views(model: nn.Module, x: torch.Tensor, mode: str, plain: torch.Tensor) -> torch.Tensor:
-    """The TTA average of `mode` ('flip' or 'flip-translate') for images whose plain logits are known."""
-    flip = 0.5 * (plain + model(x.flip(3)).float())
-    if mode == "flip":
-        return flip
-    return 0.5 * flip + 0.25 * _flip_avg(model, _shift(x, -1, -1)) + 0.25 * _flip_avg(model, _shift(x, 1, 1))
-
-
 def tta_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """Logits averaged over views: 'flip' = image and its mirror; 'flip-translate' adds the image shifted one pixel
-    up-left and one pixel down-right (each with its mirror), weighted 1/2, 1/4, 1/4 as in airbench. 'selective-...':
-    the plain view for every image and the extra views only for the least confident quarter of the batch (by the
-    plain view's top softmax probability; at least one image), which get the full average: on `quick` the same
-    accuracy as flip TTA (88.41% against 88.40%, 3 seeds) with 1.25 forward passes per image instead of 2."""
-    check_choice(mode, TTA_MODES, "--tta")
-    plain = model(x).float()
+    up-left and one pixel down-right (each with its mirror), weighted 1/2, 1/4, 1/4 as in airbench."""
     if mode == "none":
-        return plain
-    if not mode.startswith("selective-"):
-        return _views(model, x, mode, plain)
-    k = math.ceil(SELECTIVE_SHARE * len(x))
-    chosen = torch.argsort(plain.softmax(1).amax(1), stable=True)[:k]
-    out = plain.clone()
-    out[chosen] = _views(model, x[chosen], mode.removeprefix("selective-"), plain[chosen])
-    return out
+        return model(x).float()
+    if mode == "flip":
+        return _flip_avg(model, x)
+    if mode == "flip-translate":
+        return (
+            0.5 * _flip_avg(model, x)
+            + 0.25 * _flip_avg(model, _shift(x, -1, -1))
+            + 0.25 * _flip_avg(model, _shift(x, 1, 1))
+        )
+    check_choice(mode, TTA_MODES, "--tta")
+    raise AssertionError(mode)  # pragma: no cover
 
 
 @torch.inference_mode()
