@@ -4,7 +4,8 @@ For each CHECKPOINT this script evaluates the test split twice with the package'
 (`evaluate_checkpoint`): with the plain view only (tta none) and with the checkpoint's TTA (flip: 2 forward passes
 per image, flip-translate: 6), timing both (`--repeats`, median). Selective TTA at fraction f keeps the plain logits of
 the (1 - f) most confident images (largest softmax probability of the plain view) and takes the full TTA logits for
-the f least confident: exactly what an implementation that runs the extra views only for those would produce. Its
+the f least confident, ranked over the whole split (an implementation ranking within each batch differs a little:
+benchmarks/README.md). Its
 forward passes per image are 1 + f * (views - 1); its time is estimated from the two measured times,
 t_none + f * (t_tta - t_none).
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fractions {args.fractions}: every fraction must be in [0, 1]")
     rows: list[dict[str, Any]] = []
     for ckpt in args.checkpoints:
-        mode = load_checkpoint(ckpt).get("tta", "none")
+        mode = load_checkpoint(ckpt).get("tta", "none").removeprefix("selective-")
         plain, t_none = timed_logits(ckpt, args.data, "none", args.repeats)
         full, t_full = timed_logits(ckpt, args.data, mode, args.repeats)
         labels = torch.as_tensor(plain.labels)

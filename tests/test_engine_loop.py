@@ -174,9 +174,9 @@ def _airbench_run(tmp_path: Path, official_dir: Path, batch_size: int, name: str
 
 
 def test_training_steps_never_wait_for_the_device(tmp_path: Path, official_dir: Path) -> None:
-    """The same run in 4 and in 16 steps makes the same synchronizing calls: none per step (the epoch's totals and
-    the divergence check are read once, at its end). Before the loop kept its totals on the device it made 3 per
-    step (the loss check, loss.item(), the correct count)."""
+    """The same run in 4 and in 16 steps makes the same synchronizing calls: none per step (the epoch's totals at its
+    end, the divergence check after the first update and at the end). Before the loop kept its totals on the device
+    it made 3 per step (the loss check, loss.item(), the correct count)."""
     few = _airbench_run(tmp_path, official_dir, 120, "few")
     many = _airbench_run(tmp_path, official_dir, 30, "many")
     assert sum(few.values()) > 0  # the counter sees the run's reads of its results (it can fail)

@@ -26,8 +26,8 @@ class EpochTotals:
 
     def add(self, loss_sum: Any, correct: Any, seen: int) -> None:
         """Add a batch: `loss_sum` and `correct` are 0-d tensors (kept where they are), `seen` its image count."""
-        # float64 on the device: the sum is exact for any grouping, so reading it mid-epoch (a progress line, an
-        # interrupt's checkpoint) changes nothing (a resumed epoch reports the same loss to the last bit)
+        # float64 on the device: in practice the sum does not depend on its grouping, so reading it mid-epoch (a
+        # progress line, an interrupt's checkpoint) changes nothing (a resumed epoch reports the same loss)
         loss_sum, correct = loss_sum.detach().double(), correct.detach()
         has = self._pending_loss is not None
         self._pending_loss = self._pending_loss + loss_sum if has else loss_sum
