@@ -89,7 +89,7 @@ def _airbench(batch_size: int, **values: Any) -> dict[str, Any]:
 _add(
     "instant",
     "the notebook's ~67% in about 12 s on a 2-core CPU: small airbench net on 2x2 patches (widths 32-128-128, depth 3, "
-    "16 x 16 after the whitening layer), one pass over 25,000 of the training images, batch 500; best.pt = final "
+    "16 x 16 after the whitening layer), one pass over at most 25,000 training images, batch 500; best.pt = final "
     "weights; flip TTA",
     **_airbench(
         500,
