@@ -74,12 +74,11 @@ class AirNet(nn.Module):
         widths = tuple(int(w) for w in widths)
         if depth < 1 or not widths or min(widths) < 1:
             raise ValueError(f"depth and every width must be >= 1, got depth={depth}, widths={widths}")
-        if whiten_stride not in (1, whiten_kernel):
-            raise ValueError(f"whiten_stride must be 1 or whiten_kernel ({whiten_kernel}), got {whiten_stride}")
         self.head_scale = head_scale
         c0 = 2 * 3 * whiten_kernel**2  # each whitening filter and its negative (GELU then keeps both signs)
+        self.whiten = nn.Conv2d(3, c0, whiten_kernel, bias=True)
         # stride = kernel: non-overlapping patches, every later layer at 1/kernel^2 of the pixels (and FLOPs)
-        self.whiten = nn.Conv2d(3, c0, whiten_kernel, stride=whiten_stride, bias=True)
+        self.set_whiten_stride(whiten_stride)
         self.whiten.weight.requires_grad_(False)  # set from the data by init_from_data, never trained
         chans = (c0, *widths)
         self.groups = nn.ModuleList(ConvGroup(chans[i], chans[i + 1], depth, bn_momentum) for i in range(len(widths)))
